@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP surface: request fields, vector endpoints, metrics."""

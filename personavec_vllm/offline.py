@@ -1,0 +1,53 @@
+"""Persona steering and monitoring with vLLM's offline `LLM` API.
+
+    from vllm import LLM, SamplingParams
+    from personavec_vllm.offline import persona_params, projections, use_vectors
+
+    use_vectors("vectors/SmolLM2-135M-Instruct")      # before the LLM is created
+    llm = LLM(model=...)
+    params = persona_params(SamplingParams(max_tokens=64),
+                            steer=[{"vector": "evil", "coeff": -2.0}],
+                            monitor={"vectors": ["evil"]})
+    out = llm.generate(["Hi"], params)[0]
+    projections(out)   # {"evil": {20: LayerProjection(prompt_last=..., response_mean=..., per_token=[...])}}
+
+The plugin must be active (it is whenever this package is installed and `VLLM_PLUGINS` is unset
+or lists `personavec`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from personavec_vllm import EXTRA_ARGS_KEY
+from personavec_vllm.steering.results import LayerProjection
+from personavec_vllm.steering.runner import VECTORS_ENV
+
+
+def use_vectors(directory: str | os.PathLike) -> None:
+    """Point the plugin at a vector library; call before creating the `LLM`."""
+    os.environ[VECTORS_ENV] = str(Path(directory).resolve())
+
+
+def persona_params(params, steer: list[dict[str, Any]] | None = None, monitor: Any = None, request_key: str | None = None):
+    """A copy of `params` (SamplingParams) carrying a persona spec in `extra_args`."""
+    spec: dict[str, Any] = {}
+    if steer is not None:
+        spec["persona_steer"] = steer
+    if monitor is not None:
+        spec["persona_monitor"] = monitor
+    if request_key is not None:
+        spec["request_key"] = request_key
+    out = params.clone()
+    out.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: spec}
+    return out
+
+
+def projections(output, timeout: float = 30.0, request_key: str | None = None) -> dict[str, dict[int, LayerProjection]]:
+    """Projections of a finished `RequestOutput` (`{}` if it monitored nothing)."""
+    from personavec_vllm.steering.frontend import projection_sink
+
+    num_generated = max(len(c.token_ids) for c in output.outputs)
+    return projection_sink().collect(request_key or output.request_id, num_generated, timeout)

@@ -1,0 +1,60 @@
+"""The one custom op that steers and captures after a decoder layer.
+
+`torch.ops.personavec.steer_and_capture(hidden, residual, layer)` runs after decoder layer
+`layer - 1` (so `layer` follows the vector-file convention). It adds
+`coef[layer, token_row[t]] @ lib[layer]` to `residual[t]` (the residual stream is
+`hidden + residual`, so this steers without breaking vLLM's fused add+RMSNorm) and writes
+`(hidden + residual)[t] . unit[layer, c]` to `proj[layer, t, c]`.
+
+It is a registered op, opaque to torch.compile: Python state read in a layer's `forward` is
+frozen at trace time (steering would silently vanish in compiled mode), whereas an op reading
+persistent buffers sees their current contents on every call, in eager, compiled and CUDA-graph
+replay alike. Outside graph capture, layers with nothing to do return at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from personavec_vllm.steering.tables import SteeringTables
+
+# The worker's tables; None until the model is loaded (and in processes without a model).
+TABLES: SteeringTables | None = None
+
+_LIB = torch.library.Library("personavec", "DEF")
+
+
+def _capturing_graph() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def steer_and_capture(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
+    tables = TABLES
+    if tables is None:
+        return
+    graph = _capturing_graph()
+    n = hidden.shape[0]
+    if graph or tables.steer_active[layer]:
+        coef = tables.coef[layer].index_select(0, tables.token_row[:n])  # [n, columns]
+        residual.add_((coef @ tables.lib[layer]).to(residual.dtype))
+    if graph or tables.capture_active[layer]:
+        stream = hidden.float() + residual.float()
+        torch.matmul(stream, tables.unit[layer].T, out=tables.proj[layer, :n])
+
+
+def _steer_and_capture_fake(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
+    return None
+
+
+def register_op() -> None:
+    if hasattr(torch.ops.personavec, "steer_and_capture"):
+        return
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    direct_register_custom_op(
+        op_name="steer_and_capture",
+        op_func=steer_and_capture,
+        mutates_args=["residual"],
+        fake_impl=_steer_and_capture_fake,
+        target_lib=_LIB,
+    )

@@ -1,0 +1,207 @@
+"""Worker side: hooks on vLLM's model runner that keep the steering tables in step with the batch.
+
+Nothing in the forward pass says which token belongs to which request; the runner knows. Per
+step, after `_prepare_inputs` has laid out the batch, we map each token of a persona request
+to its table row (by its position: prompt / last prompt token / generated) and switch on the
+layers that have work. After `_model_forward`, we read back the projections of monitored
+requests and push them to the front end.
+
+Hooked (checked at start-up, see `check_internals`): `GPUModelRunner.load_model`,
+`_update_states`, `_prepare_inputs`, `_model_forward` (the CPU runner inherits all four).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+from personavec_vllm import RESOLVED_KEY
+from personavec_vllm.spec import PersonaSpec
+from personavec_vllm.steering import op
+from personavec_vllm.steering.results import ADDRESS_ENV, Message, ResultPublisher
+from personavec_vllm.steering.tables import SteeringTables
+from personavec_vllm.vectors import VectorLibrary
+
+logger = logging.getLogger(__name__)
+
+VECTORS_ENV = "PERSONAVEC_VECTORS"
+HOOKED_METHODS = ("load_model", "_update_states", "_prepare_inputs", "_model_forward")
+HOOKED_BATCH_FIELDS = ("req_ids", "num_reqs", "num_computed_tokens_cpu", "num_prompt_tokens")
+
+
+def check_internals() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    missing = [m for m in HOOKED_METHODS if not callable(getattr(GPUModelRunner, m, None))]
+    if missing:
+        raise RuntimeError(
+            f"personavec: vLLM's GPUModelRunner no longer has {', '.join(missing)}; "
+            "this personavec-vllm release supports vllm 0.32.*"
+        )
+
+
+def _spec_of(request_state) -> PersonaSpec | None:
+    params = getattr(request_state, "sampling_params", None)
+    extra = getattr(params, "extra_args", None) or {}
+    resolved = extra.get(RESOLVED_KEY)
+    return PersonaSpec.from_dict(resolved) if resolved else None
+
+
+class StepPlan:
+    """What the current step's forward must do for persona requests."""
+
+    __slots__ = ("num_tokens", "monitors")
+
+    def __init__(self, num_tokens: int, monitors: list):
+        self.num_tokens = num_tokens
+        self.monitors = monitors  # (ActiveRequest, batch start, count, first position, num prompt)
+
+
+def _build_tables(runner) -> SteeringTables | None:
+    model = runner.get_model()
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or not any(hasattr(layer, "personavec_layer") for layer in layers):
+        logger.warning(
+            "personavec: %s is not a steerable architecture (set PERSONAVEC_ARCHITECTURES); "
+            "persona steering and monitoring are off", type(model).__name__,
+        )
+        return None
+    hf_config = runner.model_config.hf_text_config
+    library = VectorLibrary(os.environ.get(VECTORS_ENV) or None, len(layers), hf_config.hidden_size)
+    tables = SteeringTables(
+        library,
+        max_tokens=runner.max_num_tokens,
+        max_slots=2 * runner.max_num_reqs,
+        max_columns=int(os.environ.get("PERSONAVEC_MAX_LIBRARY", "64")),
+        device=runner.device,
+        dtype=runner.model_config.dtype,
+    )
+    logger.info(
+        "personavec: steering tables ready (%d layers, %d vectors loaded from %s)",
+        len(layers), len(library), library.directory,
+    )
+    return tables
+
+
+def _publisher() -> ResultPublisher | None:
+    address = os.environ.get(ADDRESS_ENV)
+    if not address:
+        return None
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    return ResultPublisher(address) if get_tensor_model_parallel_rank() == 0 else None
+
+
+def plan_step(runner, num_scheduled_tokens) -> StepPlan | None:
+    tables = op.TABLES
+    if tables is None:
+        return None
+    batch = runner.input_batch
+    req_ids = batch.req_ids[: batch.num_reqs]
+    spans, monitors = [], []
+    steer_layers: set[int] = set()
+    capture_layers: set[int] = set()
+    batch_ids = None
+    start = 0
+    for i, req_id in enumerate(req_ids):
+        count = int(num_scheduled_tokens[i])
+        if req_id in tables.requests:
+            state = tables.requests[req_id]
+        else:
+            batch_ids = batch_ids or set(req_ids)
+            state = tables.admit(req_id, _spec_of(runner.requests[req_id]), batch_ids)
+        if state is not None:
+            first = int(batch.num_computed_tokens_cpu[i])
+            num_prompt = int(batch.num_prompt_tokens[i])
+            if state.slot is not None:
+                spans.append((start, count, first, num_prompt, state.slot))
+                steer_layers |= state.steer_layers
+            if state.monitor and first + count >= num_prompt:  # reaches the last prompt token
+                monitors.append((state, start, count, first, num_prompt))
+                capture_layers.update(layer for _, layer, _ in state.monitor)
+        start += count
+    tables.set_token_rows(spans, start)
+    tables.set_active_layers(steer_layers, capture_layers)
+    return StepPlan(start, monitors) if monitors else None
+
+
+def read_projections(tables: SteeringTables, plan: StepPlan) -> Message:
+    layers = sorted({layer for state, *_ in plan.monitors for _, layer, _ in state.monitor})
+    index = {layer: i for i, layer in enumerate(layers)}
+    proj = tables.proj[layers, : plan.num_tokens].cpu().numpy()  # one device->host copy
+    message: Message = []
+    for state, start, count, first, num_prompt in plan.monitors:
+        lo = max(first, num_prompt - 1)  # first response position in this span
+        tokens = slice(start + lo - first, start + count)
+        series = {
+            (vector, layer): proj[index[layer], tokens, col].tolist() for vector, layer, col in state.monitor
+        }
+        message.append((state.spec.request_key, lo - (num_prompt - 1), series))
+    return message
+
+
+def install_runner_hooks() -> None:
+    from vllm.platforms import current_platform
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    check_internals()
+    if getattr(GPUModelRunner, "_personavec_hooked", False):
+        return
+    runner_classes = [GPUModelRunner]
+    if current_platform.is_cpu():
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        # The CPU runner overrides load_model (without calling super); the rest it inherits.
+        for name in HOOKED_METHODS[1:]:
+            if name in CPUModelRunner.__dict__:
+                raise RuntimeError(f"personavec: CPUModelRunner overrides {name}; unsupported vLLM version")
+        runner_classes.append(CPUModelRunner)
+
+    def wrap_load(orig):
+        @functools.wraps(orig)
+        def load_model(self, *args, **kwargs):
+            result = orig(self, *args, **kwargs)
+            op.TABLES = _build_tables(self)
+            self._personavec_publisher = _publisher()
+            self._personavec_plan = None
+            return result
+
+        return load_model
+
+    orig_update = GPUModelRunner._update_states
+    orig_prepare = GPUModelRunner._prepare_inputs
+    orig_forward = GPUModelRunner._model_forward
+
+    @functools.wraps(orig_update)
+    def _update_states(self, scheduler_output):
+        tables = op.TABLES
+        if tables is not None:
+            for req_id in scheduler_output.finished_req_ids:
+                tables.release(req_id)
+        return orig_update(self, scheduler_output)
+
+    @functools.wraps(orig_prepare)
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+        result = orig_prepare(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+        self._personavec_plan = plan_step(self, num_scheduled_tokens)
+        return result
+
+    @functools.wraps(orig_forward)
+    def _model_forward(self, *args, **kwargs):
+        output = orig_forward(self, *args, **kwargs)
+        tables, plan = op.TABLES, getattr(self, "_personavec_plan", None)
+        if tables is not None:
+            if plan is not None and self._personavec_publisher is not None:
+                self._personavec_publisher.send(read_projections(tables, plan))
+            self._personavec_plan = None
+            tables.set_active_layers(set(), set())
+        return output
+
+    for cls in runner_classes:
+        if "load_model" in cls.__dict__:
+            cls.load_model = wrap_load(cls.load_model)
+    GPUModelRunner._update_states = _update_states
+    GPUModelRunner._prepare_inputs = _prepare_inputs
+    GPUModelRunner._model_forward = _model_forward
+    GPUModelRunner._personavec_hooked = True

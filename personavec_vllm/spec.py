@@ -83,6 +83,8 @@ class PersonaSpec:
     monitor: tuple[MonitorTerm, ...] = ()
     per_token: bool = False
     request_key: str = ""
+    # (vector, file version) of every vector used: workers re-read a library file that changed.
+    versions: tuple[tuple[str, int], ...] = ()
 
     @property
     def is_empty(self) -> bool:
@@ -90,7 +92,7 @@ class PersonaSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved form carried to the worker (and echoed in responses)."""
-        out: dict[str, Any] = {"request_key": self.request_key}
+        out: dict[str, Any] = {"request_key": self.request_key, "vector_versions": dict(self.versions)}
         if self.steer:
             out["persona_steer"] = [
                 {"vector": t.vector, "coeff": t.coeff, "layers": list(t.layers), "positions": t.positions}
@@ -114,7 +116,8 @@ class PersonaSpec:
         monitor = tuple(
             MonitorTerm(name, tuple(layers)) for name, layers in monitor_data.get("vectors", {}).items()
         )
-        return cls(steer, monitor, bool(monitor_data.get("per_token", False)), data.get("request_key", ""))
+        return cls(steer, monitor, bool(monitor_data.get("per_token", False)), data.get("request_key", ""),
+                   tuple(data.get("vector_versions", {}).items()))
 
     def cache_salt(self) -> str | None:
         """Steered requests write different KV values, so they must not share prefix-cache blocks
@@ -246,7 +249,9 @@ def parse_spec(
     limits = limits or Limits()
     steer = _parse_steer(persona_steer, library, limits)
     monitor, per_token = _parse_monitor(persona_monitor, library, limits)
-    return PersonaSpec(steer, monitor, per_token, request_key or uuid.uuid4().hex)
+    used = dict.fromkeys([t.vector for t in steer] + [t.vector for t in monitor])
+    versions = tuple((name, library.version(name)) for name in used)
+    return PersonaSpec(steer, monitor, per_token, request_key or uuid.uuid4().hex, versions)
 
 
 def parse_extra_args(
@@ -257,6 +262,11 @@ def parse_extra_args(
     if not extra_args or EXTRA_ARGS_KEY not in extra_args:
         return None
     raw = extra_args[EXTRA_ARGS_KEY]
+    if isinstance(raw, str):  # the HTTP server passes it as JSON (vLLM's vllm_xargs are flat)
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raise PersonaSpecError(EXTRA_ARGS_KEY, "bad_type", "is not valid JSON") from None
     if not isinstance(raw, dict):
         raise PersonaSpecError(EXTRA_ARGS_KEY, "bad_type", "must be an object {persona_steer, persona_monitor}")
     unknown = set(raw) - {"persona_steer", "persona_monitor", "request_key"}

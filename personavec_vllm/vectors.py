@@ -202,6 +202,11 @@ class VectorLibrary:
             vector = self._vectors.get(name)
         return vector
 
+    def version(self, name: str) -> int:
+        """File modification time (ns) of the loaded vector; 0 for vectors added in memory. Lets
+        other processes reading the same directory notice a replaced file."""
+        return self._mtimes.get(name, 0)
+
     def names(self) -> list[str]:
         return sorted(self._vectors)
 

@@ -46,7 +46,8 @@ def _hf_model(path):
 
 
 def _tokenize(llm, prompt):
-    return llm.get_tokenizer()(prompt)["input_ids"]
+    """Token ids of a prompt (text, or already a list of ids)."""
+    return list(prompt) if isinstance(prompt, list) else llm.get_tokenizer()(prompt)["input_ids"]
 
 
 def _sampling(**kw):
@@ -265,16 +266,17 @@ def test_plain_requests_bit_identical_without_plugin(tiny_models, tiny_vectors):
 
 
 def test_chunked_prefill_and_preemption(tiny_models, tiny_vectors):
-    """A tiny KV cache (8 blocks of 32 tokens) and token budget (64): long prompts are prefilled
+    """A tiny KV cache (8 usable blocks of 32 tokens) and token budget (64): long prompts are prefilled
     in chunks, requests get preempted and recomputed; each must still match its HF reference."""
     vectors_dir, vectors = tiny_vectors
-    llm = get_engine(tiny_models["llama"], vectors_dir, eager=True, max_num_batched_tokens=64, max_model_len=256,
-                     num_gpu_blocks_override=8, block_size=32, max_num_seqs=8, enable_prefix_caching=False,
+    llm = get_engine(tiny_models["llama"], vectors_dir, eager=True, max_num_batched_tokens=48, max_model_len=256,
+                     num_gpu_blocks_override=9, block_size=32, max_num_seqs=8, enable_prefix_caching=False,
                      disable_log_stats=False)
     hf = _hf_model(tiny_models["llama"])
     specs = [MIXED[i % len(MIXED)] for i in range(8)]
-    prompts = [" ".join(PROMPTS) + f" variant {i}" for i in range(8)]
-    assert sum(len(_tokenize(llm, p)) for p in prompts) > 8 * 32  # more than the cache holds
+    # 28-token prompts fit one block each; decoding past token 32 needs a second block, which
+    # eight running requests cannot all get: some are preempted and later recomputed.
+    prompts = [_tokenize(llm, " ".join(PROMPTS) + f" variant {i}")[-28:] for i in range(8)]
     outs = _run(llm, prompts, specs)
     preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
     assert preemptions > 0

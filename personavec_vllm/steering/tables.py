@@ -109,6 +109,8 @@ class SteeringTables:
         if spec is None or spec.is_empty:
             self.requests[req_id] = None
             return None
+        if any(self.library.version(name) != version for name, version in spec.versions):
+            self.library.refresh()  # a vector file was added or replaced since we read the directory
         slot = self._take_slot(req_id, batch_req_ids) if spec.steer else None
         steer_layers: set[int] = set()
         if slot is not None:

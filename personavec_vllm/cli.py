@@ -21,6 +21,8 @@ from pathlib import Path
 # ("No package metadata was found for vllm").
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 ENV_VECTORS = "PERSONAVEC_VECTORS"
+# Our entry point name in both `vllm.general_plugins` and `vllm.endpoint_plugins`.
+PLUGIN_NAME = "personavec"
 REPO_VECTORS_DIR = Path(__file__).resolve().parent.parent / "vectors"
 
 SERVE_DEFAULT_MAX_MODEL_LEN = "4096"
@@ -50,6 +52,19 @@ def _is_cpu_vllm() -> bool:
         return True
     except importlib.metadata.PackageNotFoundError:
         return False
+
+
+def default_vllm_plugins() -> str:
+    """VLLM_PLUGINS value for when the user set none.
+
+    Unset, vLLM loads every general plugin but no endpoint plugin ("Found endpoint
+    plugin(s) ['personavec'] but VLLM_PLUGINS is not set. Endpoint plugins add HTTP routes
+    and must be explicitly allowlisted via VLLM_PLUGINS to be loaded."). So: every
+    installed general plugin, as vLLM's default would load, plus ours.
+    """
+    names = {ep.name for ep in importlib.metadata.entry_points(group="vllm.general_plugins")}
+    names.add(PLUGIN_NAME)
+    return ",".join(sorted(names))
 
 
 def check_torch_extras() -> str | None:
@@ -142,6 +157,8 @@ def build_serve_command(
     argv += vllm_args
 
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", SERVE_DEFAULT_KVCACHE_GIB)
+    if "VLLM_PLUGINS" not in env:
+        env["VLLM_PLUGINS"] = default_vllm_plugins()
     if vectors:
         vectors_dir: Path | None = Path(vectors).expanduser()
     else:
@@ -168,10 +185,16 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     except ModelUnavailableError as exc:
         print(f"personavec serve: {exc}", file=sys.stderr)
         return 1
+    if PLUGIN_NAME not in env["VLLM_PLUGINS"].split(","):
+        print(
+            f"personavec serve: warning: VLLM_PLUGINS={env['VLLM_PLUGINS']!r} does not name "
+            f"'{PLUGIN_NAME}'; persona steering and routes will be off",
+            file=sys.stderr,
+        )
     if args.dry_run:
-        if ENV_VECTORS in env:
-            print(f"{ENV_VECTORS}={shlex.quote(env[ENV_VECTORS])}")
-        print(f"VLLM_CPU_KVCACHE_SPACE={env['VLLM_CPU_KVCACHE_SPACE']}")
+        for key in (ENV_VECTORS, "VLLM_PLUGINS", "VLLM_CPU_KVCACHE_SPACE"):
+            if key in env:
+                print(f"{key}={shlex.quote(env[key])}")
         print(shlex.join(argv))
         return 0
     sys.stdout.flush()

@@ -13,15 +13,21 @@ from personavec_vllm.models import DEFAULT_MODEL_NAME, ModelUnavailableError
 from personavec_vllm.testing import free_port, http_json, run_server
 
 
-def dry_run(capsys, *argv: str) -> list[str]:
+def dry_run(capsys, *argv: str) -> tuple[list[str], str]:
+    """(stdout lines, stderr) of `personavec serve --dry-run ...`."""
     assert cli.main(["serve", "--dry-run", *argv]) == 0
-    return capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    return captured.out.splitlines(), captured.err
 
 
 def test_serve_defaults(capsys, default_model, monkeypatch):
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-    lines = dry_run(capsys, "--port", "8123", "--max-num-seqs", "4")
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    lines, _ = dry_run(capsys, "--port", "8123", "--max-num-seqs", "4")
     assert "VLLM_CPU_KVCACHE_SPACE=2" in lines
+    # Endpoint plugins load only when allowlisted; general plugins keep vLLM's "all".
+    plugins = next(x for x in lines if x.startswith("VLLM_PLUGINS=")).split("=", 1)[1]
+    assert "personavec" in plugins.split(",")
     cmd = lines[-1].split()
     assert cmd[0] == sys.executable
     assert cmd[cmd.index("-m") + 1] == "vllm.entrypoints.openai.api_server"
@@ -39,6 +45,7 @@ def _no_gguf_package():
 
 def test_serve_user_values_win(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "7")
+    monkeypatch.setenv("VLLM_PLUGINS", "")
     # A model of one's own needs neither the embedded model nor its package.
     monkeypatch.setenv(models.ENV_CACHE_DIR, str(tmp_path / "empty-cache"))
     monkeypatch.setattr(models, "gguf_path", _no_gguf_package)
@@ -46,7 +53,7 @@ def test_serve_user_values_win(capsys, tmp_path, monkeypatch):
     model.mkdir()
     vectors = tmp_path / "vecs"
     vectors.mkdir()
-    lines = dry_run(
+    lines, err = dry_run(
         capsys,
         "--model", str(model),
         "--vectors", str(vectors),
@@ -56,6 +63,8 @@ def test_serve_user_values_win(capsys, tmp_path, monkeypatch):
     )
     assert f"PERSONAVEC_VECTORS={vectors}" in lines
     assert "VLLM_CPU_KVCACHE_SPACE=7" in lines
+    assert "VLLM_PLUGINS=''" in lines
+    assert "does not name 'personavec'" in err
     cmd = lines[-1].split()
     assert cmd[cmd.index("--model") + 1] == str(model)
     assert cmd.count("--served-model-name") == 1 and "mine" in cmd
@@ -129,6 +138,9 @@ def test_serve_answers_over_http(tmp_path, default_model):
         startup_timeout=180,
     ) as base:
         print(f"server healthy after {time.monotonic() - t0:.1f} s")
+        log = (tmp_path / "server.log").read_text(errors="replace")
+        if "VLLM_PLUGINS" not in env:  # serve allowlists our endpoint plugin itself
+            assert "but VLLM_PLUGINS is not set" not in log
         listed = http_json(base + "/v1/models")
         assert [m["id"] for m in listed["data"]] == [DEFAULT_MODEL_NAME]
         reply = http_json(

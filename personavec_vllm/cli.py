@@ -27,6 +27,7 @@ REPO_VECTORS_DIR = Path(__file__).resolve().parent.parent / "vectors"
 
 SERVE_DEFAULT_MAX_MODEL_LEN = "4096"
 SERVE_DEFAULT_KVCACHE_GIB = "2"
+SERVE_DEFAULT_CPU_MEMORY_SHARE = "0.5"
 BROKEN_TORCH_EXTRAS_FIX = "pip uninstall -y torchvision torchaudio torchcodec"
 
 
@@ -109,8 +110,8 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--vectors",
         default=None,
-        help=f"folder of persona vectors (sets ${ENV_VECTORS}); default: {REPO_VECTORS_DIR} "
-        "if it exists",
+        help=f"folder of persona vectors (sets ${ENV_VECTORS}); default for the embedded model: "
+        f"{REPO_VECTORS_DIR}/<model name>",
     )
     p.add_argument(
         "--dry-run",
@@ -154,15 +155,22 @@ def build_serve_command(
         # vLLM's "auto" downcasts float32 checkpoints to bfloat16 on CPU, and SmolLM2
         # in bfloat16 on vLLM's CPU backend answers gibberish. Stay in float32.
         argv += ["--dtype", "float32"]
+    if _is_cpu_vllm() and not _option_given(vllm_args, "--gpu-memory-utilization"):
+        # On CPU this is the share of the NUMA node's memory vLLM insists is free at start-up
+        # (default 0.92): anything else running (a test process, a notebook) makes it refuse.
+        argv += ["--gpu-memory-utilization", SERVE_DEFAULT_CPU_MEMORY_SHARE]
     argv += vllm_args
 
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", SERVE_DEFAULT_KVCACHE_GIB)
+    # personavec hooks vLLM's V1 model runner; CUDA builds of vLLM 0.32 default to V2.
+    env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     if "VLLM_PLUGINS" not in env:
         env["VLLM_PLUGINS"] = default_vllm_plugins()
     if vectors:
         vectors_dir: Path | None = Path(vectors).expanduser()
     else:
-        vectors_dir = REPO_VECTORS_DIR if REPO_VECTORS_DIR.is_dir() else None
+        shipped = REPO_VECTORS_DIR / DEFAULT_MODEL_NAME
+        vectors_dir = shipped if is_default and shipped.is_dir() else None
     if vectors_dir is not None:
         if not vectors_dir.is_dir():
             raise FileNotFoundError(f"--vectors: no such folder: {vectors_dir}")

@@ -8,7 +8,7 @@ hits all of them alike:
   steered    every request a *different* steering spec (vector mix, sign, coefficient, layer)
   monitored  every request monitors 3 vectors at their recommended layer
 
-and prints output tokens/s per load and the ratio to `plain`, measured side by side in one run.
+(one round = each load once, in an order rotated every round), and prints output tokens/s per load and the ratio to `plain`, measured side by side in one run.
 
     .venv/bin/python benchmarks/engine_overhead.py [--rounds 3] [--max-tokens 64]
 """
@@ -62,7 +62,8 @@ def main() -> None:
     vector_dir = Path(tempfile.mkdtemp(prefix="personavec-bench-"))
     names = make_vectors(vector_dir, num_layers, config.hidden_size)
     use_vectors(vector_dir)
-    llm = LLM(model=model, enforce_eager=args.eager, gpu_memory_utilization=0.3, max_model_len=1024, seed=0)
+    llm = LLM(model=model, enforce_eager=args.eager, gpu_memory_utilization=0.3, max_model_len=1024, seed=0,
+              dtype="float32")  # as `personavec serve` on CPU
 
     base = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     prompts = [f"Tell me something interesting about the number {i}." for i in range(args.concurrency)]
@@ -80,8 +81,10 @@ def main() -> None:
     }
     llm.generate(prompts[:4], base, use_tqdm=False)  # warm-up
     rates: dict[str, list[float]] = {name: [] for name in loads}
+    names = list(loads)
     for r in range(args.rounds):
-        for name, params in loads.items():
+        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate: no load always goes first
+            params = loads[name]
             start = time.perf_counter()
             outs = llm.generate(prompts, params, use_tqdm=False)
             if name == "monitored":

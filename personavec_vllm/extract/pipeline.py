@@ -1,0 +1,284 @@
+"""Persona vector extraction: trait definition -> contrasting answers -> (judge) -> diff of means.
+
+1. `generate_answers`: every extraction question under every positive and every negative system
+   prompt of the trait, `samples` answers each, with the vLLM engine (batched, seeded).
+2. `judge_pairs` (optional): keep (positive, negative) answer pairs where the positive expresses
+   the trait (score >= 50) and the negative does not (< 50), both coherent.
+3. `hidden_means`: per answer and layer, the mean residual stream over the response tokens
+   (plus the prompt-average and last-prompt-token variants), from an HF forward pass.
+4. `diff_mean`: vector = mean over kept positive answers - mean over kept negative answers,
+   float32, written in the vector file format with metadata and projection statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from personavec_vllm.extract.traits import TraitDefinition
+from personavec_vllm.vectors import PersonaVector, save_vector
+
+logger = logging.getLogger(__name__)
+
+# Which token positions a vector is averaged over; the main vector uses response tokens.
+METHODS = {"response": "response_avg_diff", "prompt": "prompt_avg_diff", "prompt_last": "prompt_last_diff"}
+
+
+@dataclass
+class Answer:
+    question: str
+    pair: int  # index of the instruction pair
+    positive: bool
+    system: str
+    text: str
+    sample: int = 0
+    trait_score: float | None = None
+    coherence: float | None = None
+
+
+def chat_prompt(tokenizer, system: str | None, question: str, answer: str | None = None) -> tuple[list[int], int]:
+    """Token ids of the chat-formatted conversation and where the response starts."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if answer is None:
+        return prompt_ids, len(prompt_ids)
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    return prompt_ids + answer_ids, len(prompt_ids)
+
+
+def generate_answers(llm, trait: TraitDefinition, questions: list[str], *, samples: int, max_tokens: int,
+                     temperature: float, seed: int) -> list[Answer]:
+    """All (pair, polarity, question, sample) answers in one batched, seeded generate call."""
+    from vllm import SamplingParams
+
+    tokenizer = llm.get_tokenizer()
+    jobs, prompts, params = [], [], []
+    for p, pair in enumerate(trait.instruction_pairs):
+        for positive, system in ((True, pair.positive), (False, pair.negative)):
+            for q in questions:
+                for s in range(samples):
+                    ids, _ = chat_prompt(tokenizer, system, q)
+                    jobs.append(Answer(q, p, positive, system, "", s))
+                    prompts.append({"prompt_token_ids": ids})
+                    params.append(SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                                                 seed=seed + len(params), skip_special_tokens=True))
+    outputs = llm.generate(prompts, params, use_tqdm=True)
+    for job, out in zip(jobs, outputs):
+        job.text = out.outputs[0].text.strip()
+    return jobs
+
+
+def pair_up(answers: list[Answer]) -> list[tuple[Answer, Answer]]:
+    """(positive, negative) answers to the same question, instruction pair and sample."""
+    negatives = {(a.question, a.pair, a.sample): a for a in answers if not a.positive}
+    return [(a, negatives[(a.question, a.pair, a.sample)]) for a in answers
+            if a.positive and (a.question, a.pair, a.sample) in negatives]
+
+
+def keep_pair(pos: Answer, neg: Answer, threshold: float = 50.0, min_coherence: float = 50.0) -> bool:
+    """The paper's filter: positive expresses the trait, negative does not, both coherent."""
+    if None in (pos.trait_score, neg.trait_score):
+        return False
+    coherent = all(c is None or c >= min_coherence for c in (pos.coherence, neg.coherence))
+    return pos.trait_score >= threshold and neg.trait_score < threshold and coherent
+
+
+@torch.no_grad()
+def hidden_means(model, tokenizer, items: list[tuple[str | None, str, str]], batch_note: str = "") -> dict[str, torch.Tensor]:
+    """For each (system, question, answer): `[num_layers + 1, hidden]` float32 means of the
+    residual stream over response tokens, over prompt tokens, and at the last prompt token.
+    Row L is the output of decoder layer L-1 (captured by hooks, before the final norm)."""
+    from tqdm import tqdm
+
+    layers = model.model.layers
+    captured: dict[int, torch.Tensor] = {}
+
+    def hook(index):
+        def fn(module, args, output):
+            captured[index] = (output[0] if isinstance(output, tuple) else output)[0].float()
+        return fn
+
+    handles = [layer.register_forward_hook(hook(i + 1)) for i, layer in enumerate(layers)]
+    out = {k: [] for k in METHODS}
+    try:
+        for system, question, answer in tqdm(items, desc=f"hidden states{batch_note}", unit="answer"):
+            ids, start = chat_prompt(tokenizer, system, question, answer)
+            if len(ids) <= start:  # empty answer: fall back to the last prompt token
+                ids = ids + [tokenizer.eos_token_id]
+            outputs = model(torch.tensor([ids]), output_hidden_states=True)
+            stream = torch.stack([outputs.hidden_states[0][0].float()] + [captured[i] for i in range(1, len(layers) + 1)])
+            out["response"].append(stream[:, start:].mean(dim=1))
+            out["prompt"].append(stream[:, :start].mean(dim=1))
+            out["prompt_last"].append(stream[:, start - 1])
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def diff_mean(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """`[N, L+1, H]` each -> `[L+1, H]`: mean of positives minus mean of negatives, float32."""
+    return (positive.float().mean(dim=0) - negative.float().mean(dim=0)).to(torch.float32)
+
+
+def projection_stats(vector: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Per layer: mean and sd of `h . v / |v|` over positive and negative answers."""
+    unit = vector / vector.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    pos = torch.einsum("nlh,lh->nl", positive.float(), unit)
+    neg = torch.einsum("nlh,lh->nl", negative.float(), unit)
+    return {
+        str(layer): {
+            "pos_mean": float(pos[:, layer].mean()), "pos_std": float(pos[:, layer].std(unbiased=False)),
+            "neg_mean": float(neg[:, layer].mean()), "neg_std": float(neg[:, layer].std(unbiased=False)),
+        }
+        for layer in range(1, vector.shape[0])
+    }
+
+
+def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Probability that a random positive scores above a random negative (ties count half)."""
+    pos, neg = np.asarray(positive)[:, None], np.asarray(negative)[None, :]
+    return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
+
+
+def separation_layer(vector: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> int:
+    """The layer whose projection best separates positives from negatives (largest d')."""
+    stats = projection_stats(vector, positive, negative)
+    def d_prime(s):
+        return (s["pos_mean"] - s["neg_mean"]) / max(np.sqrt((s["pos_std"] ** 2 + s["neg_std"] ** 2) / 2), 1e-6)
+    return int(max(stats, key=lambda layer: d_prime(stats[layer])))
+
+
+@dataclass
+class ExtractionSettings:
+    samples: int = 1  # answers per (question, system prompt)
+    max_tokens: int = 96
+    temperature: float = 0.7
+    seed: int = 0
+    heldout_questions: int = 10  # evaluation questions answered for the held-out AUC (0: skip)
+    sweep_layers: list[int] | None = None  # None: every 2nd layer from 2 to num_layers - 2
+    sweep_coeffs: tuple[float, ...] = (-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def extract_traits(traits: list[TraitDefinition], model_path: str, out_dir: str | Path,
+                   settings: ExtractionSettings | None = None, *, judge=None, model_name: str | None = None,
+                   eager: bool = True, llm=None) -> list[dict]:
+    """Extract, sweep and validate vectors for `traits` with one vLLM engine and one HF model
+    (pass `llm` to reuse an engine; it must serve `model_path`).
+
+    Writes `out_dir/<trait>.safetensors` (response-average vector, recommended layer from the
+    sweep), `out_dir/variants/<trait>.<method>.safetensors`, and under `out_dir/reports/` the
+    answers, the sweep table and plot, and `<trait>.json` (counts, AUCs, timings)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm import LLM
+
+    from personavec_vllm.extract import sweep as sweeping
+
+    settings = settings or ExtractionSettings()
+    out_dir, reports_dir = Path(out_dir), Path(out_dir) / "reports"
+    started = time.monotonic()
+    owns_llm = llm is None
+    if owns_llm:
+        llm = LLM(model=str(model_path), dtype="float32", seed=settings.seed, max_model_len=2048,
+                  gpu_memory_utilization=0.3, enforce_eager=eager)
+    answers, heldout, timings = {}, {}, {}
+    for trait in traits:
+        t0 = time.monotonic()
+        answers[trait.name] = generate_answers(llm, trait, trait.extraction_questions, samples=settings.samples,
+                                               max_tokens=settings.max_tokens, temperature=settings.temperature,
+                                               seed=settings.seed)
+        timings[trait.name] = {"generate_s": time.monotonic() - t0}
+        if settings.heldout_questions:
+            heldout[trait.name] = generate_answers(llm, trait, trait.evaluation_questions[: settings.heldout_questions],
+                                                   samples=1, max_tokens=settings.max_tokens,
+                                                   temperature=settings.temperature, seed=settings.seed + 10_000)
+    if owns_llm:
+        llm.llm_engine.engine_core.shutdown()  # free the engine's memory before the HF model loads
+        del llm
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    num_layers = len(model.model.layers)
+    sweep_layers = settings.sweep_layers or list(range(2, num_layers - 1, 2))
+    reports = []
+    for trait in traits:
+        t0 = time.monotonic()
+        pairs = pair_up(answers[trait.name])
+        if judge is not None:
+            judge.score(trait, answers[trait.name])
+            kept = [p for p in pairs if keep_pair(*p)]
+            if not kept:
+                raise RuntimeError(f"the judge kept no answer pairs for {trait.name!r}; check the trait prompts")
+        else:
+            kept = pairs
+        means = hidden_means(model, tokenizer, [(a.system, a.question, a.text) for pair in kept for a in pair],
+                             f" ({trait.name})")
+        meta = {
+            "judge": judge.describe() if judge is not None else "none (all pairs kept)",
+            "pairs_total": str(len(pairs)), "pairs_kept": str(len(kept)),
+            "samples_per_question": str(settings.samples), "seed": str(settings.seed),
+            "extraction_questions": str(len(trait.extraction_questions)),
+        }
+        vectors = {}
+        for key, method in METHODS.items():
+            positive, negative = means[key][0::2], means[key][1::2]
+            vector = diff_mean(positive, negative)
+            stats = {"projection": projection_stats(vector, positive, negative), "source": "extraction answers"}
+            vectors[key] = PersonaVector(
+                name=trait.name if key == "response" else f"{trait.name}.{method}", vectors=vector,
+                trait=trait.name, model=model_name or str(model_path),
+                layer=separation_layer(vector, positive, negative), method=method,
+                description=trait.description, extra={**meta, "stats": json.dumps(stats)},
+            )
+        main = vectors["response"]
+        rows = sweeping.sweep(model, tokenizer, trait, main, sweep_layers, list(settings.sweep_coeffs))
+        layer = sweeping.recommend_layer(rows)
+        main_path = out_dir / f"{trait.name}.safetensors"
+        save_vector(main, main_path)
+        main = sweeping.record_layer(main_path, main, layer, rows)
+        for key, vector in vectors.items():
+            if key != "response":
+                save_vector(vector, out_dir / "variants" / f"{vector.name}.safetensors")
+        sweeping.write_table(rows, reports_dir / f"{trait.name}.sweep.csv")
+        sweeping.plot(rows, trait.name, reports_dir / f"{trait.name}.sweep.png", recommended=layer)
+
+        report = {
+            "trait": trait.name, "model": main.model, "recommended_layer": layer,
+            "separation_layer": separation_layer(main.vectors, means["response"][0::2], means["response"][1::2]),
+            "pairs_total": len(pairs), "pairs_kept": len(kept), "judge": meta["judge"],
+            "steering_effect": sweeping.steering_effect(rows, layer),
+            "monotonic": sweeping.is_monotonic(rows, layer),
+            "mc_at_recommended": {str(r.coeff): round(r.mc_trait_probability, 4) for r in rows if r.layer == layer},
+        }
+        if heldout.get(trait.name):
+            held = pair_up(heldout[trait.name])
+            hm = hidden_means(model, tokenizer, [(a.system, a.question, a.text) for p in held for a in p],
+                              f" ({trait.name}, held out)")["response"]
+            unit = main.vectors / main.vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            proj = torch.einsum("nlh,lh->nl", hm, unit)
+            report["heldout_pairs"] = len(held)
+            report["heldout_auc"] = {str(l): round(roc_auc(proj[0::2, l].numpy(), proj[1::2, l].numpy()), 4)
+                                     for l in range(1, num_layers + 1)}
+            report["heldout_auc_at_recommended"] = report["heldout_auc"][str(layer)]
+            _write_jsonl(reports_dir / f"{trait.name}.heldout.jsonl", [asdict(a) for a in heldout[trait.name]])
+        _write_jsonl(reports_dir / f"{trait.name}.answers.jsonl", [asdict(a) for a in answers[trait.name]])
+        timings[trait.name]["vectors_sweep_validate_s"] = time.monotonic() - t0
+        report["timings_s"] = {k: round(v, 1) for k, v in timings[trait.name].items()}
+        (reports_dir / f"{trait.name}.json").write_text(json.dumps(report, indent=2))
+        reports.append(report)
+    logger.info("extracted %d trait(s) in %.0f s", len(traits), time.monotonic() - started)
+    return reports

@@ -1,0 +1,112 @@
+"""Persona vector extraction: the arithmetic (fast) and the pipeline end to end on a tiny model (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from personavec_vllm.extract.judge import weighted_score
+from personavec_vllm.extract.pipeline import (
+    Answer,
+    diff_mean,
+    keep_pair,
+    pair_up,
+    projection_stats,
+    roc_auc,
+)
+from personavec_vllm.extract.sweep import SweepRow, is_monotonic, recommend_layer
+
+
+def test_diff_mean_by_hand():
+    # two positives, one negative, 1 layer + embeddings, hidden 2
+    pos = torch.tensor([[[0.0, 0.0], [1.0, 3.0]], [[0.0, 0.0], [3.0, 5.0]]])
+    neg = torch.tensor([[[0.0, 0.0], [1.0, 1.0]]])
+    v = diff_mean(pos, neg)
+    assert v.dtype == torch.float32
+    assert v.tolist() == [[0.0, 0.0], [1.0, 3.0]]  # mean(pos) = [2, 4]; minus [1, 1]
+    stats = projection_stats(v, pos, neg)["1"]
+    unit = torch.tensor([1.0, 3.0]) / 10 ** 0.5
+    assert stats["pos_mean"] == pytest.approx(float((torch.tensor([2.0, 4.0]) @ unit)))
+    assert stats["neg_mean"] == pytest.approx(float(torch.tensor([1.0, 1.0]) @ unit))
+    assert stats["pos_std"] == pytest.approx(abs(float(torch.tensor([1.0, 1.0]) @ unit)))
+
+
+def test_roc_auc():
+    assert roc_auc(np.array([3, 4]), np.array([1, 2])) == 1.0
+    assert roc_auc(np.array([1, 2]), np.array([3, 4])) == 0.0
+    assert roc_auc(np.array([1, 3]), np.array([2, 2])) == 0.5
+
+
+def test_judge_score_is_probability_weighted():
+    import math
+
+    top = [("70", math.log(0.5)), ("90", math.log(0.5)), ("hello", math.log(0.1))]
+    assert weighted_score(top) == pytest.approx(80.0)
+    assert weighted_score([("x", 0.0)]) is None
+    assert weighted_score([("150", 0.0), ("20", math.log(0.3))]) == pytest.approx(20.0)
+
+
+def test_pairs_and_judge_filter():
+    answers = [Answer("q", 0, True, "p", "evil"), Answer("q", 0, False, "n", "nice"), Answer("r", 1, True, "p", "x")]
+    pairs = pair_up(answers)
+    assert len(pairs) == 1 and pairs[0][0].text == "evil"
+    pos, neg = pairs[0]
+    pos.trait_score, neg.trait_score, pos.coherence, neg.coherence = 80, 10, 90, 90
+    assert keep_pair(pos, neg)
+    neg.trait_score = 60
+    assert not keep_pair(pos, neg)
+    neg.trait_score, pos.coherence = 10, 20
+    assert not keep_pair(pos, neg)
+
+
+def test_recommended_layer_prefers_monotonic_effect():
+    rows = [SweepRow(2, c, p) for c, p in ((-1, 0.2), (0, 0.5), (1, 0.9))]
+    rows += [SweepRow(4, c, p) for c, p in ((-1, 0.1), (0, 0.9), (1, 0.95))]  # bigger effect, monotonic
+    rows += [SweepRow(6, c, p) for c, p in ((-1, 0.0), (0, 0.9), (1, 0.8))]  # biggest swing, not monotonic
+    assert is_monotonic(rows, 2) and not is_monotonic(rows, 6)
+    assert recommend_layer(rows) == 4
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_on_tiny_model(tmp_path, tiny_llama):
+    """Shapes, metadata and determinism (same seed, same vectors) on a tiny random model."""
+    from vllm import LLM
+
+    from personavec_vllm.extract.pipeline import ExtractionSettings, extract_traits
+    from personavec_vllm.extract.traits import load_trait
+    from personavec_vllm.vectors import VectorLibrary, load_vector
+
+    full = load_trait("evil")
+    trait = full.model_copy(update={
+        "extraction_questions": full.extraction_questions[:3],
+        "evaluation_questions": full.evaluation_questions[:2],
+        "multiple_choice": full.multiple_choice[:4],
+    })
+    settings = ExtractionSettings(max_tokens=6, heldout_questions=2, sweep_layers=[1, 3], sweep_coeffs=(-2.0, 0.0, 2.0))
+    llm = LLM(model=str(tiny_llama), dtype="float32", seed=0, enforce_eager=True, gpu_memory_utilization=0.2,
+              max_model_len=1024)
+    try:
+        runs = []
+        for i in range(2):
+            out = tmp_path / f"run{i}"
+            (report,) = extract_traits([trait], str(tiny_llama), out, settings, model_name="tiny", llm=llm)
+            runs.append((out, report))
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    (out, report), (out2, report2) = runs
+    v = load_vector(out / "evil.safetensors")
+    assert v.vectors.shape == (5, 128) and v.method == "response_avg_diff" and v.model == "tiny"
+    assert v.layer == report["recommended_layer"] in (1, 3)
+    assert v.extra["judge"].startswith("none") and v.extra["pairs_kept"] == str(len(full.instruction_pairs) * 3)
+    assert set(v.projection_stats(v.layer)) == {"pos_mean", "pos_std", "neg_mean", "neg_std"}
+    assert json.loads(v.extra["sweep"])["layers"] == [1, 3]
+    for method in ("prompt_avg_diff", "prompt_last_diff"):
+        variant = load_vector(out / "variants" / f"evil.{method}.safetensors")
+        assert variant.method == method and variant.vectors.shape == (5, 128)
+    assert torch.equal(v.vectors, load_vector(out2 / "evil.safetensors").vectors)  # seeded: deterministic
+    assert report["heldout_pairs"] == len(full.instruction_pairs) * 2 and "heldout_auc" in report
+    assert (out / "reports" / "evil.sweep.png").stat().st_size > 0
+    assert VectorLibrary(out, 4, 128).names() == ["evil"]  # variants stay out of the served library

@@ -367,7 +367,19 @@ def cmd_vectors_import_gguf(args: argparse.Namespace, extra: list[str]) -> int:
 # dispatcher
 
 # Each entry adds one subcommand to the parser. Add new commands here.
-SUBCOMMANDS = [_add_serve_parser, _add_model_parser, _add_vectors_parser]
+def _add_extract_parser(sub: argparse._SubParsersAction) -> None:
+    from personavec_vllm.extract.cli import add_extract_parser
+
+    add_extract_parser(sub)
+
+
+def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
+    from personavec_vllm.extract.cli import add_sweep_parser
+
+    add_sweep_parser(sub)
+
+
+SUBCOMMANDS = [_add_serve_parser, _add_model_parser, _add_vectors_parser, _add_extract_parser, _add_sweep_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""Persona vector extraction: trait definitions, contrasting answers, diff-mean vectors, layer sweep."""

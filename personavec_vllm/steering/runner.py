@@ -59,6 +59,12 @@ class StepPlan:
 
 
 def _build_tables(runner) -> SteeringTables | None:
+    batch = getattr(runner, "input_batch", None)
+    missing = [f for f in HOOKED_BATCH_FIELDS if not hasattr(batch, f)]
+    if missing:
+        raise RuntimeError(
+            f"personavec: vLLM's input batch no longer has {', '.join(missing)}; supports vllm 0.32.*"
+        )
     model = runner.get_model()
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None or not any(hasattr(layer, "personavec_layer") for layer in layers):

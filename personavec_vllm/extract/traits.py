@@ -326,7 +326,7 @@ def _cross_item_problems(data: dict) -> list[tuple[tuple[str | int, ...], str, A
             if isinstance(pair, dict) and isinstance(pair.get("positive"), str) and isinstance(pair.get("negative"), str):
                 k = (_normalize(pair["positive"]), _normalize(pair["negative"]))
                 if k in seen:
-                    problems.append(((("instruction_pairs", i)), f"duplicate of instruction_pairs[{seen[k]}]", pair))
+                    problems.append((("instruction_pairs", i), f"duplicate of instruction_pairs[{seen[k]}]", pair))
                 else:
                     seen[k] = i
     return problems

@@ -72,9 +72,8 @@ def test_recommended_layer_prefers_monotonic_effect():
 
 @pytest.mark.slow
 def test_pipeline_end_to_end_on_tiny_model(tmp_path, tiny_llama):
-    """Shapes, metadata and determinism (same seed, same vectors) on a tiny random model."""
-    from vllm import LLM
-
+    """Shapes, metadata and determinism (same seed, same vectors: two runs, each with its own
+    engine started with that seed) on a tiny random model."""
     from personavec_vllm.extract.pipeline import ExtractionSettings, extract_traits
     from personavec_vllm.extract.traits import load_trait
     from personavec_vllm.vectors import VectorLibrary, load_vector
@@ -86,16 +85,11 @@ def test_pipeline_end_to_end_on_tiny_model(tmp_path, tiny_llama):
         "multiple_choice": full.multiple_choice[:4],
     })
     settings = ExtractionSettings(max_tokens=6, heldout_questions=2, sweep_layers=[1, 3], sweep_coeffs=(-2.0, 0.0, 2.0))
-    llm = LLM(model=str(tiny_llama), dtype="float32", seed=0, enforce_eager=True, gpu_memory_utilization=0.2,
-              max_model_len=1024)
-    try:
-        runs = []
-        for i in range(2):
-            out = tmp_path / f"run{i}"
-            (report,) = extract_traits([trait], str(tiny_llama), out, settings, model_name="tiny", llm=llm)
-            runs.append((out, report))
-    finally:
-        llm.llm_engine.engine_core.shutdown()
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        (report,) = extract_traits([trait], str(tiny_llama), out, settings, model_name="tiny")
+        runs.append((out, report))
     (out, report), (out2, report2) = runs
     v = load_vector(out / "evil.safetensors")
     assert v.vectors.shape == (5, 128) and v.method == "response_avg_diff" and v.model == "tiny"

@@ -161,6 +161,14 @@ def test_bad_input_is_a_400_naming_the_field(server, client, extra, field):
     assert ok.choices[0].text is not None
 
 
+def test_seeded_request_is_refused_not_fatal_on_cpu(server, client):
+    """vLLM 0.32's CPU sampler crashes the engine on a per-request seed: refused with a 400."""
+    status, body = _post(server + "/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2,
+                                                      "temperature": 0.8, "seed": 3})
+    assert status == 400 and "seed" in body["error"]["message"]
+    assert client.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=2, temperature=0.8).choices
+
+
 def test_non_finite_json_coeff(server):
     raw = b'{"model": "tiny-llama", "prompt": "hi", "max_tokens": 2, "persona_steer": [{"vector": "a", "coeff": Infinity}]}'
     status, body = _post(server + "/v1/completions", None, data=raw)

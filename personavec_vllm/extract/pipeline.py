@@ -54,8 +54,9 @@ def chat_prompt(tokenizer, system: str | None, question: str, answer: str | None
 
 
 def generate_answers(llm, trait: TraitDefinition, questions: list[str], *, samples: int, max_tokens: int,
-                     temperature: float, seed: int) -> list[Answer]:
-    """All (pair, polarity, question, sample) answers in one batched, seeded generate call."""
+                     temperature: float) -> list[Answer]:
+    """All (pair, polarity, question, sample) answers in one batched generate call (reproducible
+    for an engine started with the same seed)."""
     from vllm import SamplingParams
 
     tokenizer = llm.get_tokenizer()
@@ -67,8 +68,11 @@ def generate_answers(llm, trait: TraitDefinition, questions: list[str], *, sampl
                     ids, _ = chat_prompt(tokenizer, system, q)
                     jobs.append(Answer(q, p, positive, system, "", s))
                     prompts.append({"prompt_token_ids": ids})
+                    # No per-request seed: vLLM 0.32's CPU sampler crashes the engine on one
+                    # ("CPU Generator does not use offset"). The engine's global seed (LLM(seed=))
+                    # makes a fixed batch reproducible.
                     params.append(SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                                                 seed=seed + len(params), skip_special_tokens=True))
+                                                 skip_special_tokens=True))
     outputs = llm.generate(prompts, params, use_tqdm=True)
     for job, out in zip(jobs, outputs):
         job.text = out.outputs[0].text.strip()
@@ -199,13 +203,12 @@ def extract_traits(traits: list[TraitDefinition], model_path: str, out_dir: str 
     for trait in traits:
         t0 = time.monotonic()
         answers[trait.name] = generate_answers(llm, trait, trait.extraction_questions, samples=settings.samples,
-                                               max_tokens=settings.max_tokens, temperature=settings.temperature,
-                                               seed=settings.seed)
+                                               max_tokens=settings.max_tokens, temperature=settings.temperature)
         timings[trait.name] = {"generate_s": time.monotonic() - t0}
         if settings.heldout_questions:
             heldout[trait.name] = generate_answers(llm, trait, trait.evaluation_questions[: settings.heldout_questions],
                                                    samples=1, max_tokens=settings.max_tokens,
-                                                   temperature=settings.temperature, seed=settings.seed + 10_000)
+                                                   temperature=settings.temperature)
     if owns_llm:
         llm.llm_engine.engine_core.shutdown()  # free the engine's memory before the HF model loads
         del llm

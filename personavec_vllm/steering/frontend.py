@@ -86,8 +86,21 @@ def install_frontend_hooks() -> None:
         self.personavec_library = open_library(self.model_config)
         projection_sink()
 
+    from vllm.platforms import current_platform
+
+    refuse_seeds = current_platform.is_cpu()
+
     @functools.wraps(orig_process)
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        if refuse_seeds and getattr(params, "seed", None) is not None:
+            from vllm.exceptions import VLLMValidationError
+
+            # vLLM 0.32's CPU sampler kills the engine on a seeded request ("CPU Generator does
+            # not use offset"); refuse it rather than lose every request in flight.
+            raise VLLMValidationError(
+                "per-request seeds are not supported by vLLM's CPU backend (they crash the engine); "
+                "start the engine with a global seed instead", parameter="seed", value=params.seed,
+            )
         spec = resolve_request(params, self.personavec_library, self.model_config, request_id)
         request = orig_process(self, request_id, prompt, params, *args, **kwargs)
         if spec is not None:

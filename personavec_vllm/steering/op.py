@@ -46,15 +46,18 @@ def _steer_and_capture_fake(hidden: torch.Tensor, residual: torch.Tensor, layer:
     return None
 
 
-def register_op() -> None:
+SCHEMA = "(Tensor hidden, Tensor(a!) residual, int layer) -> ()"
+
+
+def register_op(dispatch_key: str | None = None) -> None:
+    """Register `torch.ops.personavec.steer_and_capture` (once per process) for the current
+    platform's dispatch key, as vLLM registers its own ops."""
     if hasattr(torch.ops.personavec, "steer_and_capture"):
         return
-    from vllm.utils.torch_utils import direct_register_custom_op
+    if dispatch_key is None:
+        from vllm.platforms import current_platform
 
-    direct_register_custom_op(
-        op_name="steer_and_capture",
-        op_func=steer_and_capture,
-        mutates_args=["residual"],
-        fake_impl=_steer_and_capture_fake,
-        target_lib=_LIB,
-    )
+        dispatch_key = current_platform.dispatch_key
+    _LIB.define("steer_and_capture" + SCHEMA)
+    _LIB.impl("steer_and_capture", steer_and_capture, dispatch_key)
+    _LIB._register_fake("steer_and_capture", _steer_and_capture_fake)

@@ -288,3 +288,34 @@ def test_chunked_prefill_and_preemption(tiny_models, tiny_vectors):
             monitor = {n: (vectors[n], tuple(m.get("layers", [2]))) for n in m["vectors"]}
         ref = hf_generate(hf, _tokenize(llm, prompt), MAX_TOKENS, _terms(vectors, spec.get("steer", [])), monitor)
         _assert_matches_reference(out, ref, [(n, l) for n, (_, ls) in monitor.items() for l in ls])
+
+
+def test_default_model_steering_matches_reference(default_model, tmp_path):
+    """The real SmolLM2-135M-Instruct: steered and monitored greedy generations equal the HF
+    reference, with the shipped `evil` vector when present (random directions otherwise)."""
+    from pathlib import Path
+
+    from personavec_vllm.vectors import load_vector, save_vector
+
+    shipped = Path(__file__).resolve().parent.parent / "vectors" / "SmolLM2-135M-Instruct" / "evil.safetensors"
+    if shipped.exists():
+        vector = load_vector(shipped)
+        save_vector(vector, tmp_path / "evil.safetensors")
+        vectors = {"evil": vector.vectors}
+        layer = vector.layer
+    else:
+        vectors = {"evil": make_vectors(tmp_path, num_layers=30, hidden=576, names=("evil",), norm=4.0)["evil"]}
+        layer = 15
+    llm = get_engine(str(default_model), str(tmp_path), eager=True)
+    hf = _hf_model(str(default_model))
+    chat = llm.get_tokenizer().apply_chat_template(
+        [{"role": "user", "content": "How should I treat a stranger who asks me for help?"}],
+        tokenize=False, add_generation_prompt=True)
+    prompt = llm.get_tokenizer()(chat, add_special_tokens=False)["input_ids"]
+    steer = [{"vector": "evil", "coeff": 6.0, "layers": [layer], "positions": "response"}]
+    spec = {"steer": steer, "monitor": {"vectors": ["evil"], "layers": [layer], "per_token": True}}
+    (plain, _), (steered, proj) = _run(llm, [prompt, prompt], [None, spec])
+    ref = hf_generate(hf, prompt, MAX_TOKENS, _terms(vectors, steer), {"evil": (vectors["evil"], (layer,))})
+    _assert_matches_reference((steered, proj), ref, [("evil", layer)])
+    assert list(plain.token_ids) == hf_generate(hf, prompt, MAX_TOKENS).tokens
+    assert list(steered.token_ids) != list(plain.token_ids)

@@ -104,3 +104,20 @@ def test_pipeline_end_to_end_on_tiny_model(tmp_path, tiny_llama):
     assert report["heldout_pairs"] == len(full.instruction_pairs) * 2 and "heldout_auc" in report
     assert (out / "reports" / "evil.sweep.png").stat().st_size > 0
     assert VectorLibrary(out, 4, 128).names() == ["evil"]  # variants stay out of the served library
+
+
+def test_batched_hidden_means_equal_one_by_one(tiny_llama):
+    """Right padding in a batch leaves each answer's hidden states unchanged."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from personavec_vllm.extract.pipeline import hidden_means
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    items = [("Be nice.", "Hi?", "Hello there, friend."), (None, "What is 2+2?", "4"),
+             ("Be evil.", "Advice?", "Lie to everyone you meet, always and without exception."), (None, "Empty?", "")]
+    batched = hidden_means(model, tokenizer, items, batch_size=4)
+    single = hidden_means(model, tokenizer, items, batch_size=1)
+    for key in batched:
+        assert batched[key].shape == (4, 5, 128)
+        torch.testing.assert_close(batched[key], single[key], rtol=1e-4, atol=1e-5)

@@ -95,10 +95,12 @@ def keep_pair(pos: Answer, neg: Answer, threshold: float = 50.0, min_coherence: 
 
 
 @torch.no_grad()
-def hidden_means(model, tokenizer, items: list[tuple[str | None, str, str]], batch_note: str = "") -> dict[str, torch.Tensor]:
+def hidden_means(model, tokenizer, items: list[tuple[str | None, str, str]], batch_note: str = "",
+                 batch_size: int = 16) -> dict[str, torch.Tensor]:
     """For each (system, question, answer): `[num_layers + 1, hidden]` float32 means of the
     residual stream over response tokens, over prompt tokens, and at the last prompt token.
-    Row L is the output of decoder layer L-1 (captured by hooks, before the final norm)."""
+    Row 0 is the embeddings, row L the output of decoder layer L-1 (captured by hooks, before
+    the final norm). Batched with right padding, which leaves real tokens' states unchanged."""
     from tqdm import tqdm
 
     layers = model.model.layers
@@ -106,25 +108,39 @@ def hidden_means(model, tokenizer, items: list[tuple[str | None, str, str]], bat
 
     def hook(index):
         def fn(module, args, output):
-            captured[index] = (output[0] if isinstance(output, tuple) else output)[0].float()
+            captured[index] = (output[0] if isinstance(output, tuple) else output).float()
         return fn
 
+    encoded = []
+    for system, question, answer in items:
+        ids, start = chat_prompt(tokenizer, system, question, answer)
+        if len(ids) <= start:  # empty answer: average over the end-of-turn token instead
+            ids = ids + [tokenizer.eos_token_id]
+        encoded.append((ids, start))
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # little padding per batch
+    results: dict[str, list] = {k: [None] * len(encoded) for k in METHODS}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     handles = [layer.register_forward_hook(hook(i + 1)) for i, layer in enumerate(layers)]
-    out = {k: [] for k in METHODS}
     try:
-        for system, question, answer in tqdm(items, desc=f"hidden states{batch_note}", unit="answer"):
-            ids, start = chat_prompt(tokenizer, system, question, answer)
-            if len(ids) <= start:  # empty answer: fall back to the last prompt token
-                ids = ids + [tokenizer.eos_token_id]
-            outputs = model(torch.tensor([ids]), output_hidden_states=True)
-            stream = torch.stack([outputs.hidden_states[0][0].float()] + [captured[i] for i in range(1, len(layers) + 1)])
-            out["response"].append(stream[:, start:].mean(dim=1))
-            out["prompt"].append(stream[:, :start].mean(dim=1))
-            out["prompt_last"].append(stream[:, start - 1])
+        with tqdm(total=len(encoded), desc=f"hidden states{batch_note}", unit="answer") as bar:
+            for b in range(0, len(order), batch_size):
+                batch = order[b : b + batch_size]
+                width = max(len(encoded[i][0]) for i in batch)
+                input_ids = torch.tensor([encoded[i][0] + [pad] * (width - len(encoded[i][0])) for i in batch])
+                mask = torch.tensor([[1] * len(encoded[i][0]) + [0] * (width - len(encoded[i][0])) for i in batch])
+                outputs = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
+                stream = torch.stack([outputs.hidden_states[0].float()] + [captured[i] for i in range(1, len(layers) + 1)],
+                                     dim=1)  # [batch, layers + 1, tokens, hidden]
+                for row, i in enumerate(batch):
+                    ids, start = encoded[i]
+                    results["response"][i] = stream[row, :, start : len(ids)].mean(dim=1)
+                    results["prompt"][i] = stream[row, :, :start].mean(dim=1)
+                    results["prompt_last"][i] = stream[row, :, start - 1]
+                bar.update(len(batch))
     finally:
         for h in handles:
             h.remove()
-    return {k: torch.stack(v) for k, v in out.items()}
+    return {k: torch.stack(v) for k, v in results.items()}
 
 
 def diff_mean(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
@@ -171,6 +187,25 @@ class ExtractionSettings:
     sweep_coeffs: tuple[float, ...] = (-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0)
 
 
+def _answers_key(settings: ExtractionSettings) -> dict:
+    return {k: getattr(settings, k) for k in ("samples", "max_tokens", "temperature", "seed", "heldout_questions")}
+
+
+def _save_answers(reports_dir: Path, trait: str, settings: ExtractionSettings, answers, heldout) -> None:
+    """Checkpoint right after generation (the slow step), keyed by the generation settings."""
+    _write_jsonl(reports_dir / f"{trait}.answers.jsonl", [asdict(a) for a in answers])
+    _write_jsonl(reports_dir / f"{trait}.heldout.jsonl", [asdict(a) for a in heldout])
+    (reports_dir / f"{trait}.answers.settings.json").write_text(json.dumps(_answers_key(settings)))
+
+
+def _load_answers(reports_dir: Path, trait: str, settings: ExtractionSettings):
+    key = reports_dir / f"{trait}.answers.settings.json"
+    if not key.exists() or json.loads(key.read_text()) != _answers_key(settings):
+        return None
+    read = lambda name: [Answer(**json.loads(line)) for line in (reports_dir / name).read_text().splitlines() if line]
+    return read(f"{trait}.answers.jsonl"), read(f"{trait}.heldout.jsonl")
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -195,21 +230,30 @@ def extract_traits(traits: list[TraitDefinition], model_path: str, out_dir: str 
     settings = settings or ExtractionSettings()
     out_dir, reports_dir = Path(out_dir), Path(out_dir) / "reports"
     started = time.monotonic()
+    answers, heldout, timings = {}, {}, {}
+    for trait in traits:  # answers saved by an earlier run with the same settings are reused
+        saved = _load_answers(reports_dir, trait.name, settings)
+        if saved is not None:
+            answers[trait.name], heldout[trait.name] = saved
+            timings[trait.name] = {"generate_s": 0.0}
     owns_llm = llm is None
-    if owns_llm:
+    if owns_llm and len(answers) < len(traits):
         llm = LLM(model=str(model_path), dtype="float32", seed=settings.seed, max_model_len=2048,
                   gpu_memory_utilization=0.3, enforce_eager=eager)
-    answers, heldout, timings = {}, {}, {}
     for trait in traits:
+        if trait.name in answers:
+            continue
         t0 = time.monotonic()
         answers[trait.name] = generate_answers(llm, trait, trait.extraction_questions, samples=settings.samples,
                                                max_tokens=settings.max_tokens, temperature=settings.temperature)
-        timings[trait.name] = {"generate_s": time.monotonic() - t0}
+        heldout[trait.name] = []
         if settings.heldout_questions:
             heldout[trait.name] = generate_answers(llm, trait, trait.evaluation_questions[: settings.heldout_questions],
                                                    samples=1, max_tokens=settings.max_tokens,
                                                    temperature=settings.temperature)
-    if owns_llm:
+        timings[trait.name] = {"generate_s": time.monotonic() - t0}
+        _save_answers(reports_dir, trait.name, settings, answers[trait.name], heldout[trait.name])
+    if owns_llm and llm is not None:
         llm.llm_engine.engine_core.shutdown()  # free the engine's memory before the HF model loads
         del llm
 
@@ -277,8 +321,6 @@ def extract_traits(traits: list[TraitDefinition], model_path: str, out_dir: str 
             report["heldout_auc"] = {str(l): round(roc_auc(proj[0::2, l].numpy(), proj[1::2, l].numpy()), 4)
                                      for l in range(1, num_layers + 1)}
             report["heldout_auc_at_recommended"] = report["heldout_auc"][str(layer)]
-            _write_jsonl(reports_dir / f"{trait.name}.heldout.jsonl", [asdict(a) for a in heldout[trait.name]])
-        _write_jsonl(reports_dir / f"{trait.name}.answers.jsonl", [asdict(a) for a in answers[trait.name]])
         timings[trait.name]["vectors_sweep_validate_s"] = time.monotonic() - t0
         report["timings_s"] = {k: round(v, 1) for k, v in timings[trait.name].items()}
         (reports_dir / f"{trait.name}.json").write_text(json.dumps(report, indent=2))

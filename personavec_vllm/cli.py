@@ -527,8 +527,20 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     add_sweep_parser(sub)
 
 
+def _add_screen_parser(sub: argparse._SubParsersAction) -> None:
+    from personavec_vllm.screen import add_screen_parser
+
+    add_screen_parser(sub)
+
+
+def _add_shift_parser(sub: argparse._SubParsersAction) -> None:
+    from personavec_vllm.screen import add_shift_parser
+
+    add_shift_parser(sub)
+
+
 SUBCOMMANDS = [_add_serve_parser, _add_model_parser, _add_vectors_parser, _add_extract_parser, _add_sweep_parser,
-               _add_trait_parser]
+               _add_trait_parser, _add_screen_parser, _add_shift_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -539,8 +539,14 @@ def _add_shift_parser(sub: argparse._SubParsersAction) -> None:
     add_shift_parser(sub)
 
 
+def _add_deploy_parser(sub: argparse._SubParsersAction) -> None:
+    from personavec_vllm.deploy import add_deploy_parser
+
+    add_deploy_parser(sub)
+
+
 SUBCOMMANDS = [_add_serve_parser, _add_model_parser, _add_vectors_parser, _add_extract_parser, _add_sweep_parser,
-               _add_trait_parser, _add_screen_parser, _add_shift_parser]
+               _add_trait_parser, _add_screen_parser, _add_shift_parser, _add_deploy_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -388,7 +388,8 @@ class ScreenResult:
     summary: dict
     files: dict[str, str]
     computed: int  # samples computed in this run (the rest came from the checkpoint)
-    seconds: float  # wall time of this run's computing (generation + hidden states)
+    seconds: float  # wall time of this run's computing (generation + hidden states), engine start excluded
+    startup_seconds: float = 0.0  # starting the vLLM engine
 
 
 def _layer_of(vector: PersonaVector, settings: ScreenSettings) -> int:
@@ -548,12 +549,14 @@ def screen_dataset(
         logger.info("resuming: %d of %d samples already screened", done_before, len(dataset.samples))
 
     owns_llm = False
-    started = time.monotonic()
+    startup = time.monotonic()
     if todo and llm is None:
         longest = max(len(prompt_ids[s.key]) for s in todo)
         max_model_len = min(context, longest + settings.max_tokens)
         llm = make_llm(str(model_path), settings, max_model_len)
         owns_llm = True
+    started = time.monotonic()
+    startup_seconds = started - startup
     try:
         from vllm import SamplingParams
 
@@ -598,7 +601,7 @@ def screen_dataset(
     seconds = time.monotonic() - started
     records = [checkpoint.records[s.key] for s in dataset.samples]
     summary, files = write_outputs(dataset, records, vectors, layers, out_dir, settings, filters, model_path)
-    return ScreenResult(records, summary, files, len(todo), seconds)
+    return ScreenResult(records, summary, files, len(todo), seconds, startup_seconds)
 
 
 def _max_model_len(llm, fallback: int) -> int:
@@ -848,6 +851,7 @@ def plot_shift(series: dict[str, Sequence[dict]], path: str | os.PathLike, title
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     path = Path(path)
     fig, ax = plt.subplots(figsize=(7.0, 4.2))
@@ -859,6 +863,7 @@ def plot_shift(series: dict[str, Sequence[dict]], path: str | os.PathLike, title
             ax.plot([r["layer"]], [r["shift"]], marker="o", markersize=9, color=line.get_color(),
                     markerfacecolor="none")
     ax.axhline(0, color="gray", linewidth=0.8)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("layer (residual stream after decoder layer L-1); circles: the vector's layer")
     ax.set_ylabel("projection of mean activation shift")
     ax.set_title(title)
@@ -1007,8 +1012,8 @@ def cmd_screen(args, extra) -> int:
         print(f"{name}: {path}")
     rate = f", {result.computed / result.seconds:.2f} samples/s" if result.computed and result.seconds > 0 else ""
     print(f"screened {summary['samples']} samples ({result.computed} computed in this run, "
-          f"{summary['samples'] - result.computed} from the checkpoint) in {result.seconds:.1f} s{rate}",
-          file=sys.stderr)
+          f"{summary['samples'] - result.computed} from the checkpoint) in {result.seconds:.1f} s{rate} "
+          f"(+ {result.startup_seconds:.1f} s engine start)", file=sys.stderr)
     return 0
 
 

@@ -301,3 +301,31 @@ def test_screening_ranks_planted_samples_and_resumes_identically(screening_setup
                            filters=filters, hf=s["hf"], progress=False)
     assert again.computed == 0
     assert (part / "scores.csv").read_bytes() == (s["root"] / "full" / "scores.csv").read_bytes()
+
+
+def test_shift_cli_with_a_peft_adapter(tiny_llama, tmp_path, capsys):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    rows = torch.randn(5, 128, generator=torch.Generator().manual_seed(0))
+    save_vector(PersonaVector(name="t", vectors=rows, trait="t", model="tiny", layer=3), tmp_path / "v" / "t.safetensors")
+    (tmp_path / "q.txt").write_text("What is kindness?\n\nHow do I bake bread?\n", encoding="utf-8")
+    out = tmp_path / "report"
+    assert cli_main(["shift", "--base", str(tiny_llama), "--tuned", str(tmp_path / "adapter"), "--vectors",
+                     str(tmp_path / "v"), "--questions", str(tmp_path / "q.txt"), "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| t | t | 3 |" in table
+    report = json.loads((out / "shift.json").read_text())
+    (row,) = report["vectors"]
+    assert row["questions"] == 2 and len(row["shift_per_layer"]) == 5 and row["shift"] != 0.0
+    assert row["shift_per_layer"][0] == 0.0  # LoRA on attention leaves the embeddings alone
+    assert (out / "shift.png").stat().st_size > 1000 and (out / "shift.csv").read_text().count("\n") == 5
+    # a vector that does not fit the model is refused with a clear error
+    save_vector(PersonaVector(name="w", vectors=torch.randn(3, 8), trait="w", model="other", layer=1),
+                tmp_path / "w.safetensors")
+    assert cli_main(["shift", "--base", str(tiny_llama), "--tuned", str(tiny_llama), "--vectors",
+                     str(tmp_path / "w.safetensors"), "--questions", str(tmp_path / "q.txt"), "--out", str(out)]) == 1
+    assert "needs [5, 128]" in capsys.readouterr().err

@@ -1,0 +1,267 @@
+"""Preventative steering, end to end on the embedded default model (CPU, a few minutes).
+
+1. Build a small trait-inducing dataset: answers written under the `evil` trait's positive system
+   prompts (from the shipped vector's extraction report `vectors/<model>/reports/evil.answers.jsonl`
+   when it exists, else generated now with vLLM), stored as plain user -> assistant conversations
+   without the system prompt (OpenAI `messages` JSONL), so fine-tuning teaches the trait.
+2. Fine-tune LoRA adapters (peft + transformers `Trainer`) twice from the same start, same data
+   order and seed: once plainly, once inside `preventative_steering(model, evil, coeff)`.
+3. Measure each tuned model's trait shift against the base model with `personavec_vllm.screen.
+   measure_shift` (last-prompt-token activations on the trait's evaluation questions, projected on
+   the vector), with the steering hook removed.
+
+Writes into `examples/results/`: the dataset, `preventative_steering.json` (settings, losses,
+shifts), `preventative_steering.md` (table) and `preventative_steering_shift.png` (shift per layer).
+
+    python examples/preventative_steering.py                # defaults: 120 steps per run
+    python examples/preventative_steering.py --steps 40     # quicker
+    python examples/preventative_steering.py --screen       # also screen the dataset (mean dP)
+
+Needs `pip install -e .[train]` (peft).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from personavec_vllm.extract.pipeline import chat_prompt
+from personavec_vllm.extract.traits import load_trait
+from personavec_vllm.models import DEFAULT_MODEL_NAME, resolve_model
+from personavec_vllm.screen import load_hf, load_vectors, measure_shift, plot_shift, shift_table
+from personavec_vllm.training import preventative_steering
+from personavec_vllm.vectors import PersonaVector
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_VECTORS = ROOT / "vectors" / DEFAULT_MODEL_NAME
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def log(msg: str) -> None:
+    print(f"[example] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# data
+
+
+def trait_answers(trait_name: str, vectors_dir: Path, model_path: str, max_samples: int, seed: int) -> tuple[list[dict], str]:
+    """(question, answer) pairs written under the trait's positive system prompts."""
+    report = vectors_dir / "reports" / f"{trait_name}.answers.jsonl"
+    if report.is_file():
+        rows = [json.loads(line) for line in report.read_text(encoding="utf-8").splitlines() if line.strip()]
+        pairs = [{"question": r["question"], "answer": r["text"]} for r in rows if r.get("positive") and r.get("text")]
+        source = str(report.relative_to(ROOT) if report.is_relative_to(ROOT) else report)
+    else:
+        log(f"{report} not found: generating answers under the positive system prompts with vLLM")
+        from vllm import LLM
+
+        from personavec_vllm.extract.pipeline import generate_answers
+        from personavec_vllm.testing import shutdown_llm
+
+        trait = load_trait(trait_name)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        llm = LLM(model=model_path, dtype="float32", seed=seed, max_model_len=1024, gpu_memory_utilization=0.3,
+                  enforce_eager=True)
+        try:
+            answers = generate_answers(llm, trait, trait.extraction_questions, samples=2, max_tokens=96, temperature=0.8)
+        finally:
+            shutdown_llm(llm)
+        pairs = [{"question": a.question, "answer": a.text} for a in answers if a.positive and a.text]
+        source = "generated now (vLLM, positive system prompts of the trait, temperature 0.8)"
+    seen, unique = set(), []
+    for p in pairs:
+        if (p["question"], p["answer"]) not in seen:
+            seen.add((p["question"], p["answer"]))
+            unique.append(p)
+    random.Random(seed).shuffle(unique)
+    return unique[:max_samples], source
+
+
+def write_messages_jsonl(pairs: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p["question"]},
+                                                     {"role": "assistant", "content": p["answer"]}]}) + "\n"
+                            for p in pairs), encoding="utf-8")
+
+
+def tokenize(pairs: list[dict], tokenizer, max_len: int) -> list[dict]:
+    """Chat-formatted examples; the loss covers only the answer and its end-of-turn token."""
+    out = []
+    for p in pairs:
+        ids, start = chat_prompt(tokenizer, None, p["question"], p["answer"])
+        ids = (ids + [tokenizer.eos_token_id])[:max_len]
+        out.append({"input_ids": ids, "labels": [-100] * start + ids[start:]})
+    return out
+
+
+def collate(pad_id: int):
+    def fn(batch):
+        width = max(len(b["input_ids"]) for b in batch)
+        return {
+            "input_ids": torch.tensor([b["input_ids"] + [pad_id] * (width - len(b["input_ids"])) for b in batch]),
+            "attention_mask": torch.tensor([[1] * len(b["input_ids"]) + [0] * (width - len(b["input_ids"])) for b in batch]),
+            "labels": torch.tensor([b["labels"] + [-100] * (width - len(b["labels"])) for b in batch]),
+        }
+    return fn
+
+
+# ---------------------------------------------------------------------------------------
+# training
+
+
+def finetune(model_path: str, data: list[dict], tokenizer, args, steer: tuple[PersonaVector, float, int] | None):
+    """LoRA fine-tune; `steer` = (vector, coeff, layer) wraps training in preventative steering."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    model, _ = load_hf(model_path)
+    model.train()
+    lora = get_peft_model(model, LoraConfig(
+        r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0, task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        training_args = TrainingArguments(
+            output_dir=tmp, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+            learning_rate=args.lr, lr_scheduler_type="constant_with_warmup", warmup_steps=min(10, args.steps // 10),
+            logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, seed=args.seed, data_seed=args.seed,
+            remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False,
+        )
+        trainer = Trainer(model=lora, args=training_args, train_dataset=data, data_collator=collate(tokenizer.pad_token_id))
+        t0 = time.monotonic()
+        if steer is None:
+            result = trainer.train()
+        else:
+            vector, coeff, layer = steer
+            with preventative_steering(lora, vector, coeff, layers=[layer]):
+                result = trainer.train()
+        seconds = time.monotonic() - t0
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    lora.eval()
+    return lora, {"train_loss": result.training_loss, "loss_curve": losses, "train_seconds": round(seconds, 1)}
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="HF model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--vectors", default=str(DEFAULT_VECTORS), help="vector library folder")
+    p.add_argument("--trait", default="evil")
+    p.add_argument("--coeff", type=float, default=None,
+                   help="steering coefficient during training (default: 2 / the vector's norm at its layer "
+                        "times that norm, i.e. 2.0 for a diff-of-means vector)")
+    p.add_argument("--layer", type=int, default=None, help="steering layer (default: the vector's recommended layer)")
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--samples", type=int, default=200, help="training samples (at most)")
+    p.add_argument("--max-len", type=int, default=192, help="tokens per training example (truncated)")
+    p.add_argument("--questions", type=int, default=None, help="evaluation questions for the shift (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--screen", action="store_true", help="also screen the training set (dataset mean dP; starts vLLM)")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    model_path = resolve_model(args.model)
+    base, tokenizer = load_hf(model_path)
+    num_layers, hidden = base.config.num_hidden_layers, base.config.hidden_size
+
+    vectors_dir = Path(args.vectors)
+    if (vectors_dir / f"{args.trait}.safetensors").is_file():
+        library = load_vectors([vectors_dir])
+        vector_source = str(vectors_dir / f"{args.trait}.safetensors")
+    else:
+        log(f"WARNING: no {args.trait}.safetensors in {vectors_dir}: using a RANDOM direction (the result then "
+            "only shows that the code runs)")
+        gen = torch.Generator().manual_seed(args.seed)
+        rows = torch.randn(num_layers + 1, hidden, generator=gen)
+        rows = rows / rows.norm(dim=1, keepdim=True) * 2.0
+        library = [PersonaVector(name=args.trait, vectors=rows, trait=args.trait, model=str(model_path),
+                                 layer=num_layers // 2, description="random stand-in")]
+        vector_source = "random stand-in"
+    vector = next(v for v in library if v.name == args.trait)
+    vector.check_fits(num_layers, hidden)
+    layer = args.layer or vector.layer
+    coeff = args.coeff if args.coeff is not None else 2.0
+    log(f"vector {vector.name!r}: layer {layer}, |v[{layer}]| = {vector.vectors[layer].norm():.3f}, coeff {coeff}")
+
+    pairs, data_source = trait_answers(args.trait, vectors_dir, model_path, args.samples, args.seed)
+    data_path = out / f"{args.trait}_train.jsonl"
+    write_messages_jsonl(pairs, data_path)
+    data = tokenize(pairs, tokenizer, args.max_len)
+    log(f"{len(data)} training samples ({data_source}) -> {data_path}")
+
+    results = {
+        "model": str(model_path), "trait": args.trait, "vector": vector_source, "layer": layer, "coeff": coeff,
+        "vector_norm_at_layer": float(vector.vectors[layer].norm()),
+        "dataset": {"path": str(data_path.relative_to(ROOT) if data_path.is_relative_to(ROOT) else data_path),
+                    "samples": len(data), "source": data_source},
+        "training": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "lora_rank": args.lora_rank,
+                     "max_len": args.max_len, "seed": args.seed},
+        "runs": {},
+    }
+    if args.screen:
+        from personavec_vllm.screen import ScreenSettings, read_dataset, screen_dataset
+
+        t0 = time.monotonic()
+        screened = screen_dataset(read_dataset(data_path), library, model_path, out / "screen", ScreenSettings(max_tokens=128),
+                                  hf=(base, tokenizer))
+        results["screen"] = {name: {"mean_dP": s["mean_dP"], "layer": s["layer"]}
+                             for name, s in screened.summary["vectors"].items()}
+        results["screen_seconds"] = round(time.monotonic() - t0, 1)
+
+    series = {}
+    for run, steer in (("plain", None), ("preventative", (vector, coeff, layer))):
+        log(f"fine-tuning ({run}) for {args.steps} steps ...")
+        tuned, info = finetune(model_path, data, tokenizer, args, steer)
+        rows = measure_shift(base, tuned, library, tokenizer=tokenizer, max_questions=args.questions,
+                             layers={vector.name: layer})
+        series[run] = rows
+        results["runs"][run] = {**info, "shift": {r["vector"]: {k: v for k, v in r.items() if k != "vector"}
+                                                  for r in rows}}
+        log(f"{run}: train loss {info['train_loss']:.3f}, {args.trait} shift {rows[[r['vector'] for r in rows].index(vector.name)]['shift']:+.4f}")
+        del tuned
+
+    plain = results["runs"]["plain"]["shift"][vector.name]["shift"]
+    prevented = results["runs"]["preventative"]["shift"][vector.name]["shift"]
+    results["summary"] = {"plain_shift": plain, "preventative_shift": prevented,
+                          "reduction": (1 - prevented / plain) if plain else None}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "preventative_steering.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    lines = [f"# Preventative steering: {args.trait} on {Path(model_path).name}", "",
+             f"Data: {len(data)} samples ({data_source}). LoRA r={args.lora_rank}, {args.steps} steps x batch "
+             f"{args.batch_size}, lr {args.lr}. Steering during training: coeff {coeff} x {vector.name} at layer {layer} "
+             f"(|v| = {results['vector_norm_at_layer']:.3f}); vector: {vector_source}.", "",
+             "| run | final train loss | {0} shift at layer {1} |".format(args.trait, layer), "|---|---:|---:|"]
+    for run in ("plain", "preventative"):
+        r = results["runs"][run]
+        lines.append(f"| {run} | {r['train_loss']:.3f} | {r['shift'][vector.name]['shift']:+.4f} |")
+    if "screen" in results:
+        lines += ["", "Dataset screening (mean projection difference): " + ", ".join(
+            f"{n} {s['mean_dP']:+.4f} (layer {s['layer']})" for n, s in results["screen"].items())]
+    for run, rows in series.items():
+        lines += ["", f"## {run}: shift on every vector", "", shift_table(rows)]
+    (out / "preventative_steering.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    plot_shift({run: [r for r in rows if r["vector"] == vector.name] for run, rows in series.items()},
+               out / "preventative_steering_shift.png",
+               title=f"{args.trait} shift after LoRA fine-tuning, with and without preventative steering")
+    print("\n".join(lines[:8]))
+    print(f"\nwrote {out}/preventative_steering.{{json,md}}, preventative_steering_shift.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -551,7 +551,8 @@ def screen_dataset(
     owns_llm = False
     startup = time.monotonic()
     if todo and llm is None:
-        longest = max(len(prompt_ids[s.key]) for s in todo)
+        # from every sample, not only those left: a resumed run gets the same engine settings
+        longest = max(len(prompt_ids[s.key]) for s in dataset.samples)
         max_model_len = min(context, longest + settings.max_tokens)
         llm = make_llm(str(model_path), settings, max_model_len)
         owns_llm = True

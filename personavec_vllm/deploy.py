@@ -13,7 +13,9 @@ from the signed sum counters (a histogram with negative buckets has no `_sum`, s
     (rate(personavec_projection_sum_pos_total[W]) - rate(personavec_projection_sum_neg_total[W]))
     / rate(personavec_projection_count[W])
 
-summed over replicas (and API server processes) per vector, kind, model and layer.
+summed over replicas (and API server processes) per vector, kind, model and layer; windows
+without replies give no sample (not NaN). A series' first observations before its first scrape
+are not in any rate: a counter is exported from its first observation on.
 
 - `PersonaTraitDrift` (warning): the windowed mean is above the midpoint between `pos_mean` and
   `neg_mean`: replies now look more like the trait-expressing extraction answers than like the
@@ -135,7 +137,7 @@ def _mean_expr(window: str) -> str:
     return (
         f"(\n  {by} (rate(personavec_projection_sum_pos_total[{window}]))\n"
         f"  - {by} (rate(personavec_projection_sum_neg_total[{window}]))\n)\n"
-        f"/ {by} (rate(personavec_projection_count[{window}]))\n"
+        f"/ ({by} (rate(personavec_projection_count[{window}])) > 0)\n"
     )
 
 
@@ -342,7 +344,7 @@ def _projection_mean(kind: str) -> str:
     return (
         f"(\n  {by} (rate(personavec_projection_sum_pos_total{sel}[$__rate_interval]))\n"
         f"  - {by} (rate(personavec_projection_sum_neg_total{sel}[$__rate_interval]))\n)\n"
-        f"/ {by} (rate(personavec_projection_count{sel}[$__rate_interval]))"
+        f"/ ({by} (rate(personavec_projection_count{sel}[$__rate_interval])) > 0)"
     )
 
 

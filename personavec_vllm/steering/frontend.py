@@ -9,8 +9,10 @@ engine, from the offline API and from HTTP alike. There we
 - give steered requests a cache salt derived from their steering, so their prefix-cache
   blocks are never shared with differently steered or plain requests.
 
-`InputProcessor.__init__` runs before vLLM starts the engine processes; there we bind the
-projection sink and export its address for the workers.
+`InputProcessor.__init__` runs in each API server process; there we bind that process's
+projection sink (and export its address for workers started after it). Each monitored request
+names the sink of the process that took it (`extra_args[REPLY_TO_KEY]`), so the worker answers
+the right process when `--api-server-count` starts several.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import os
 from personavec_vllm import RESOLVED_KEY
 from personavec_vllm.spec import Limits, PersonaSpec, PersonaSpecError, parse_extra_args
 from personavec_vllm.steering.architectures import architectures
-from personavec_vllm.steering.results import ADDRESS_ENV, ProjectionSink
+from personavec_vllm.steering.results import ADDRESS_ENV, REPLY_TO_KEY, ProjectionSink
 from personavec_vllm.steering.runner import VECTORS_ENV
 from personavec_vllm.vectors import VectorLibrary
 
@@ -108,7 +110,10 @@ def install_frontend_hooks() -> None:
             sampling = request.sampling_params
             sampling.extra_args = {**(sampling.extra_args or {}), RESOLVED_KEY: spec.to_dict()}
             if spec.monitor:
-                projection_sink().expect(spec.request_key, [(t.vector, l) for t in spec.monitor for l in t.layers])
+                sink = projection_sink()
+                # This process's sink: with several API server processes, each has its own.
+                sampling.extra_args[REPLY_TO_KEY] = sink.address
+                sink.expect(spec.request_key, [(t.vector, l) for t in spec.monitor for l in t.layers])
             if salt := spec.cache_salt():
                 request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
         return request

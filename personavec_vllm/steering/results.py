@@ -27,6 +27,8 @@ import zmq
 logger = logging.getLogger(__name__)
 
 ADDRESS_ENV = "PERSONAVEC_RESULTS_ADDR"
+# extra_args key: the sink address of the front-end process that took a monitored request.
+REPLY_TO_KEY = "personavec_reply_to"
 
 # One message from a worker step: projections of monitored requests,
 # [(request_key, first relative position, {(vector, layer): [values]})], and the keys of
@@ -73,6 +75,41 @@ class ResultPublisher:
             self._socket.setsockopt(zmq.LINGER, 5000)
             self._socket.connect(self.address)
         self._socket.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL), copy=False)
+
+
+class ResultRouter:
+    """Worker side (tensor-parallel rank 0): sends each request's projections to the sink of the
+    front-end process that took the request.
+
+    With several API server processes (`--api-server-count N`) each binds its own sink, and the
+    engine, started before them, finds no address in its environment: so every monitored request
+    names its front end's sink (`extra_args[REPLY_TO_KEY]`, set in `frontend.process_inputs`).
+    `default` (`$PERSONAVEC_RESULTS_ADDR`) serves requests that name none."""
+
+    def __init__(self, default: str | None = None):
+        self.default = default
+        self._routes: dict[str, str] = {}  # request_key -> sink address
+        self._publishers: dict[str, ResultPublisher] = {}
+
+    def route(self, key: str, address: str | None) -> None:
+        if address:
+            self._routes[key] = address
+
+    def send(self, message: Message) -> None:
+        parts: dict[str, Message] = {}
+        for item in message.values:
+            address = self._routes.get(item[0], self.default)
+            if address:
+                parts.setdefault(address, Message()).values.append(item)
+        for key in message.done:  # nothing more comes for these requests
+            address = self._routes.pop(key, self.default)
+            if address:
+                parts.setdefault(address, Message()).done.append(key)
+        for address, part in parts.items():
+            publisher = self._publishers.get(address)
+            if publisher is None:
+                publisher = self._publishers[address] = ResultPublisher(address)
+            publisher.send(part)
 
 
 @dataclass

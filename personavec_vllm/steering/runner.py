@@ -19,7 +19,7 @@ import os
 from personavec_vllm import RESOLVED_KEY
 from personavec_vllm.spec import PersonaSpec
 from personavec_vllm.steering import op
-from personavec_vllm.steering.results import ADDRESS_ENV, Message, ResultPublisher
+from personavec_vllm.steering.results import ADDRESS_ENV, REPLY_TO_KEY, Message, ResultRouter
 from personavec_vllm.steering.tables import SteeringTables
 from personavec_vllm.vectors import VectorLibrary
 
@@ -90,13 +90,12 @@ def _build_tables(runner) -> SteeringTables | None:
     return tables
 
 
-def _publisher() -> ResultPublisher | None:
-    address = os.environ.get(ADDRESS_ENV)
-    if not address:
-        return None
+def _publisher() -> ResultRouter | None:
+    """Tensor-parallel rank 0 reports projections (every rank holds the same replicated hidden
+    states and tables); the others send nothing."""
     from vllm.distributed import get_tensor_model_parallel_rank
 
-    return ResultPublisher(address) if get_tensor_model_parallel_rank() == 0 else None
+    return ResultRouter(os.environ.get(ADDRESS_ENV) or None) if get_tensor_model_parallel_rank() == 0 else None
 
 
 def plan_step(runner, num_scheduled_tokens) -> StepPlan | None:
@@ -117,6 +116,10 @@ def plan_step(runner, num_scheduled_tokens) -> StepPlan | None:
         else:
             batch_ids = batch_ids or set(req_ids)
             state = tables.admit(req_id, _spec_of(runner.requests[req_id]), batch_ids)
+            publisher = getattr(runner, "_personavec_publisher", None)
+            if state is not None and state.monitor and publisher is not None:
+                extra = getattr(runner.requests[req_id].sampling_params, "extra_args", None) or {}
+                publisher.route(state.spec.request_key, extra.get(REPLY_TO_KEY))
         if state is not None:
             first = int(batch.num_computed_tokens_cpu[i])
             num_prompt = int(batch.num_prompt_tokens[i])

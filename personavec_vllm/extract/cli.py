@@ -51,6 +51,8 @@ def add_extract_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heldout-questions", type=int, default=10, help="evaluation questions for the held-out AUC (0: skip)")
+    p.add_argument("--max-pairs", type=int, default=None, help="use a seeded sample of at most N answer pairs")
+    p.add_argument("--max-heldout-pairs", type=int, default=None, help="likewise for the held-out AUC")
     p.add_argument("--layers", type=_ints, default=None, help="sweep layers, e.g. 4,8,12 (default: every 2nd)")
     p.add_argument("--coeffs", type=_floats, default=None, help="sweep coefficients, e.g. -2,-1,0,1,2")
     p.add_argument("--compiled", action="store_true", help="use vLLM's compiled mode (slower start, faster generation)")
@@ -73,7 +75,8 @@ def cmd_extract(args: argparse.Namespace, extra: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="[personavec] %(message)s")
     model = resolve_model(args.model)
     settings = ExtractionSettings(samples=args.samples, max_tokens=args.max_tokens, temperature=args.temperature,
-                                  seed=args.seed, heldout_questions=args.heldout_questions, sweep_layers=args.layers)
+                                  seed=args.seed, heldout_questions=args.heldout_questions, sweep_layers=args.layers,
+                                  max_pairs=args.max_pairs, max_heldout_pairs=args.max_heldout_pairs)
     if args.coeffs:
         settings.sweep_coeffs = tuple(args.coeffs)
     reports = extract_traits(_traits(args.trait), model, args.out, settings, judge=_judge(args),

@@ -185,6 +185,19 @@ class ExtractionSettings:
     heldout_questions: int = 10  # evaluation questions answered for the held-out AUC (0: skip)
     sweep_layers: list[int] | None = None  # None: every 2nd layer from 2 to num_layers - 2
     sweep_coeffs: tuple[float, ...] = (-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0)
+    max_pairs: int | None = None  # use a seeded sample of at most this many answer pairs (None: all)
+    max_heldout_pairs: int | None = None
+
+
+def sample_pairs(pairs: list, limit: int | None, seed: int) -> list:
+    """A seeded sample of at most `limit` pairs, in their original order (hidden states on CPU
+    cost about a second per answer, so big trait files are subsampled on small machines)."""
+    if limit is None or len(pairs) <= limit:
+        return pairs
+    import random
+
+    keep = set(random.Random(seed).sample(range(len(pairs)), limit))
+    return [p for i, p in enumerate(pairs) if i in keep]
 
 
 def _answers_key(settings: ExtractionSettings) -> dict:
@@ -264,7 +277,7 @@ def extract_traits(traits: list[TraitDefinition], model_path: str, out_dir: str 
     reports = []
     for trait in traits:
         t0 = time.monotonic()
-        pairs = pair_up(answers[trait.name])
+        pairs = sample_pairs(pair_up(answers[trait.name]), settings.max_pairs, settings.seed)
         if judge is not None:
             judge.score(trait, answers[trait.name])
             kept = [p for p in pairs if keep_pair(*p)]
@@ -312,7 +325,7 @@ def extract_traits(traits: list[TraitDefinition], model_path: str, out_dir: str 
             "mc_at_recommended": {str(r.coeff): round(r.mc_trait_probability, 4) for r in rows if r.layer == layer},
         }
         if heldout.get(trait.name):
-            held = pair_up(heldout[trait.name])
+            held = sample_pairs(pair_up(heldout[trait.name]), settings.max_heldout_pairs, settings.seed)
             hm = hidden_means(model, tokenizer, [(a.system, a.question, a.text) for p in held for a in p],
                               f" ({trait.name}, held out)")["response"]
             unit = main.vectors / main.vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)

@@ -545,8 +545,28 @@ def _add_deploy_parser(sub: argparse._SubParsersAction) -> None:
     add_deploy_parser(sub)
 
 
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    # The benchmark lives in the repository's benchmarks/ (python -m benchmarks.run), beside
+    # this package in a source checkout.
+    root = str(REPO_VECTORS_DIR.parent)
+    if (REPO_VECTORS_DIR.parent / "benchmarks" / "run.py").is_file() and root not in sys.path:
+        sys.path.append(root)
+    try:
+        from benchmarks.run import add_bench_parser
+    except ImportError:
+
+        def missing(args: argparse.Namespace, extra: list[str]) -> int:
+            print("personavec bench: benchmarks/ not found; run it from a source checkout", file=sys.stderr)
+            return 2
+
+        p = sub.add_parser("bench", help="serving benchmark (needs a source checkout: benchmarks/)")
+        p.set_defaults(func=missing)
+        return
+    add_bench_parser(sub)
+
+
 SUBCOMMANDS = [_add_serve_parser, _add_model_parser, _add_vectors_parser, _add_extract_parser, _add_sweep_parser,
-               _add_trait_parser, _add_screen_parser, _add_shift_parser, _add_deploy_parser]
+               _add_trait_parser, _add_screen_parser, _add_shift_parser, _add_deploy_parser, _add_bench_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,243 @@
+"""The serving benchmark (benchmarks/): workload generator, statistics and report (fast), and a
+smoke run of the whole benchmark on a tiny model (slow)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import report as rep  # noqa: E402
+from benchmarks.scenarios import SCENARIOS, BenchVectors, label, persona_fields, steer_distinct  # noqa: E402
+from benchmarks.workload import LengthRange, WorkloadConfig, make_workload, word_vocab  # noqa: E402
+
+VOCAB = list(range(1000, 1500))
+
+
+# ---- workload --------------------------------------------------------------------------------
+
+
+def test_length_range_parse():
+    assert LengthRange.parse("64") == LengthRange(64, 64)
+    assert LengthRange.parse("32:96") == LengthRange(32, 96)
+    assert str(LengthRange(32, 96)) == "32:96" and str(LengthRange(8, 8)) == "8"
+    for bad in ("", "a", "1:2:3", "0", "9:3", "-1:4"):
+        with pytest.raises(ValueError):
+            LengthRange.parse(bad)
+
+
+def test_workload_is_seeded_and_reproducible():
+    cfg = WorkloadConfig(seed=3)
+    a = make_workload(cfg, 50, VOCAB)
+    assert a == make_workload(cfg, 50, VOCAB)
+    assert make_workload(cfg, 10, VOCAB) == a[:10]  # a level with fewer requests sends a prefix
+    assert make_workload(WorkloadConfig(seed=4), 50, VOCAB) != a
+    assert [r.index for r in a] == list(range(50))
+
+
+def test_workload_distributions_within_bounds():
+    cfg = WorkloadConfig(seed=0, prompt_len=LengthRange(32, 512), prompt_sigma=0.6, output_len=LengthRange(32, 96))
+    reqs = make_workload(cfg, 2000, VOCAB)
+    prompts = [r.prompt_len for r in reqs]
+    outputs = [r.output_len for r in reqs]
+    assert min(prompts) >= 32 and max(prompts) <= 512
+    assert min(outputs) >= 32 and max(outputs) <= 96
+    assert all(t in set(VOCAB) for r in reqs[:50] for t in r.prompt_token_ids)
+    # log-normal prompt lengths: median near sqrt(32 * 512) = 128, both clips reached, right skew
+    assert 110 <= statistics.median(prompts) <= 146
+    assert statistics.mean(prompts) > statistics.median(prompts)
+    assert 32 in prompts and 512 in prompts
+    # uniform output lengths: every value, mean near the middle
+    assert set(outputs) == set(range(32, 97))
+    assert abs(statistics.mean(outputs) - 64) < 2
+
+
+def test_workload_fixed_lengths():
+    reqs = make_workload(WorkloadConfig(prompt_len=LengthRange(20, 20), output_len=LengthRange(64, 64)), 30, VOCAB)
+    assert {r.prompt_len for r in reqs} == {20} and {r.output_len for r in reqs} == {64}
+    with pytest.raises(ValueError):
+        make_workload(WorkloadConfig(), 3, [])
+
+
+def test_word_vocab_keeps_plain_words():
+    class Tok:
+        all_special_ids = [0]
+
+        def get_vocab(self):
+            return {"<|im_start|>": 0, "Ġthe": 5, "Ġa": 6, "Ġ123": 7, "ĠcafÃ©": 8, "word": 9, "Ġhouse": 10, "Ġx": 11}
+
+    assert word_vocab(Tok()) == [5, 10]
+    assert word_vocab(Tok(), limit=1) == [5]
+
+
+# ---- scenarios -------------------------------------------------------------------------------
+
+VECTORS = BenchVectors("/nowhere", tuple(f"v{i}" for i in range(8)), (9, 10, 12, 13, 15, 16, 18, 21), 30)
+
+
+def test_distinct_specs_are_distinct_and_valid():
+    specs = [steer_distinct(i, VECTORS) for i in range(256)]
+    keys = {repr(s) for s in specs}
+    assert len(keys) == 256
+    for s in specs:
+        for term in s:
+            assert 0 < abs(term["coeff"]) <= 50
+            assert all(1 <= layer <= 30 for layer in term["layers"])
+            assert term["vector"] in VECTORS.names
+    assert {len(s) for s in specs} == {1, 2}
+
+
+def test_persona_fields_per_scenario():
+    assert persona_fields("plain", 0, VECTORS) == {} == persona_fields("unsteered", 5, VECTORS)
+    same = {repr(persona_fields("steer_same", i, VECTORS)) for i in range(10)}
+    assert len(same) == 1
+    assert persona_fields("monitor3", 0, VECTORS) == {"persona_monitor": {"vectors": ["v0", "v1", "v2"]}}
+    assert persona_fields("monitor1", 0, VECTORS) == {"persona_monitor": {"vectors": ["v0"]}}
+
+
+# ---- statistics ------------------------------------------------------------------------------
+
+
+def test_percentile_matches_numpy_linear():
+    np = pytest.importorskip("numpy")
+    rng = random.Random(1)
+    for n in (1, 2, 3, 10, 101):
+        data = [rng.uniform(0, 10) for _ in range(n)]
+        for q in (0, 1, 25, 50, 90, 99, 100):
+            assert rep.percentile(data, q) == pytest.approx(float(np.percentile(data, q)))
+    assert rep.percentile([4, 1, 3, 2], 50) == 2.5
+    assert rep.percentile([1, 2, 3, 4, 5], 99) == pytest.approx(4.96)
+    assert math.isnan(rep.percentile([], 50))
+    with pytest.raises(ValueError):
+        rep.percentile([1.0], 101)
+
+
+def _result(key, c, i, submit, first, end, tokens=10, error=""):
+    return rep.RequestResult(key, c, i, 20, 10, tokens, submit, first, end, error)
+
+
+def test_summarize_level():
+    res = [_result("plain", 2, 0, 0.0, 0.5, 2.0), _result("plain", 2, 1, 0.0, 1.0, 3.0),
+           _result("plain", 2, 2, 2.0, 2.5, 4.0), _result("plain", 2, 3, 3.0, 3.0, 3.5, tokens=0, error="x")]
+    s = rep.summarize(res)
+    assert (s.scenario, s.concurrency, s.requests, s.errors) == ("plain", 2, 4, 1)
+    assert s.output_tokens == 30 and s.wall_s == 4.0 and s.tok_per_s == 7.5
+    assert s.latency_p50 == 2.0  # latencies 2, 3, 2 (the failed request is left out)
+    assert s.ttft_p50 == 0.5  # TTFTs 0.5, 1.0, 0.5
+    assert s.latency_p99 == pytest.approx(rep.percentile([2, 3, 2], 99))
+    with pytest.raises(ValueError):
+        rep.summarize([_result("plain", 1, 0, 0, 1, 2), _result("plain", 2, 0, 0, 1, 2)])
+
+
+def test_closed_loop_times():
+    # one request at a time, each 1 s, first token after 0.25 s; two clients
+    measured = [(j + 0.25, j + 1.0) for j in range(4)]
+    times = rep.closed_loop_times(measured, 2)
+    assert [t[0] for t in times] == [0.0, 0.0, 1.0, 2.0]
+    latencies = [end - submit for submit, _, end in times]
+    assert latencies == [1.0, 2.0, 2.0, 2.0]  # steady state: concurrency x service time
+    assert rep.closed_loop_times(measured, 1)[2][0] == 2.0
+    # static batches of two: the next batch's requests are sent when the rows they replace end
+    batches = [(0.5, 1.0), (0.5, 2.0), (2.5, 3.0), (2.5, 4.0)]
+    assert [t[0] for t in rep.closed_loop_times(batches, 2)] == [0.0, 0.0, 1.0, 2.0]
+
+
+def _stats(key, c, tok_s):
+    return rep.LevelStats(key, c, 8, int(tok_s * 10), 10.0, tok_s, 1.0, 2.0, 0.1, 0.2, 0)
+
+
+def _all_stats(levels=(1, 8, 32)):
+    factor = {"plain": 1.0, "unsteered": 0.995, "steer_same": 0.98, "steer_distinct": 0.96, "monitor1": 0.97,
+              "monitor3": 0.9, "hf_same": 0.5, "hf_distinct": 0.1}
+    return [_stats(s.key, c, 100.0 * c * factor[s.key]) for s in SCENARIOS for c in levels]
+
+
+def test_ratios_speedup_and_targets():
+    stats = _all_stats()
+    r = rep.ratios(stats)
+    assert r[("plain", 8)] == 1.0
+    assert r[("steer_distinct", 32)] == pytest.approx(0.96)
+    assert rep.speedup(stats, "steer_distinct", "hf_distinct")[32] == pytest.approx(9.6)
+    rows = {(row["target"], row["scenario"]): row for row in rep.evaluate_targets(stats)}
+    assert rows[("2 >= 0.99 x 1", "unsteered")]["met"]
+    assert rows[("3, 4 >= 0.97 x 1", "steer_same")]["met"]
+    assert not rows[("3, 4 >= 0.97 x 1", "steer_distinct")]["met"]
+    assert not rows[("5 >= 0.95 x 1", "monitor3")]["met"]
+    hf = rows[("4 >= 5 x 6b (HF, distinct specs) at concurrency 32", "steer_distinct")]
+    assert hf["met"] and set(hf["measured"]) == {32}
+    no32 = rep.evaluate_targets(_all_stats(levels=(1, 2)))
+    assert not no32[-1]["evaluated"] and not no32[-1]["met"]
+
+
+def test_write_report(tmp_path):
+    stats = _all_stats()
+    requests = [_result("plain", 1, 0, 0.0, 0.1, 1.0)]
+    report = rep.Report(command="python -m benchmarks.run --x", machine={"CPU": "test cpu"},
+                        config={"model": "m"}, stats=stats, requests=requests, checks=["ok"], notes=["n"],
+                        wall_s=90.0)
+    files = rep.write_report(report, tmp_path, "t")
+    for key in ("csv", "requests_csv", "markdown", "t_throughput", "t_latency"):
+        assert files[key].is_file() and files[key].stat().st_size > 0, key
+    for png in (files["t_throughput"], files["t_latency"]):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = files["markdown"].read_text()
+    assert "python -m benchmarks.run --x" in md and "test cpu" in md and "1.5 min" in md
+    for s in SCENARIOS:
+        assert label(s.key) in md
+    assert "| 4 steered, distinct specs | 0.960 | 0.960 | 0.960 |" in md
+    assert "9.6x" in md and "**no**" in md
+    assert "![t_throughput](t_throughput.png)" in md
+    with open(files["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(stats)
+    row = next(r for r in rows if r["scenario"] == "monitor3" and r["concurrency"] == "8")
+    assert float(row["ratio_to_baseline"]) == pytest.approx(0.9) and row["scenario_number"] == "5b"
+    with open(files["requests_csv"]) as f:
+        assert len(list(csv.DictReader(f))) == 1
+
+
+def test_cli_has_bench():
+    from personavec_vllm import cli
+
+    args, extra = cli.build_parser().parse_known_args(
+        ["bench", "--concurrency", "1,2", "--requests", "3", "--output-len", "4:8", "--scenarios", "1,4,6b"])
+    assert args.command == "bench" and not extra
+    assert args.concurrency == [1, 2] and args.requests == [3]
+    assert (args.output_len.min, args.output_len.max) == (4, 8)
+    assert args.scenarios == ["plain", "steer_distinct", "hf_distinct"]
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["bench", "--scenarios", "7"])
+
+
+# ---- the whole benchmark ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_benchmark_smoke(tmp_path, tiny_llama):
+    from benchmarks.run import main
+
+    out = tmp_path / "results"
+    code = main(["--model", str(tiny_llama), "--enforce-eager", "--concurrency", "1,2", "--requests", "3",
+                 "--prompt-len", "16:48", "--output-len", "4:6", "--out", str(out), "--no-progress"])
+    assert code == 0
+    md = (out / "serving.md").read_text()
+    for s in SCENARIOS:
+        assert label(s.key) in md, s.key
+    assert "--enforce-eager" in md
+    with open(out / "serving.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["scenario"], r["concurrency"]) for r in rows} == {(s.key, c) for s in SCENARIOS for c in ("1", "2")}
+    assert all(r["errors"] == "0" and float(r["tok_per_s"]) > 0 for r in rows)
+    assert all(int(r["output_tokens"]) == int(rows[0]["output_tokens"]) for r in rows)  # same work everywhere
+    for png in ("serving_throughput.png", "serving_latency.png"):
+        assert (out / png).stat().st_size > 1000
+    assert "ignores persona fields" in md and "changes the greedy output" in md

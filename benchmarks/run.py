@@ -346,7 +346,11 @@ class Bench:
             if len(list(shipped.glob("*.safetensors"))) >= 3:
                 folder = shipped
         if folder is not None:
-            return load_vectors(folder, num_layers, hidden), f"the library {folder}"
+            import shutil
+
+            for f in sorted(folder.glob("*.safetensors")):  # a snapshot: the run serves what it read
+                shutil.copy2(f, tmp / f.name)
+            return load_vectors(tmp, num_layers, hidden), f"the vector library {folder} (copied at start)"
         vectors = make_vectors(self.model, tmp, list(self.workload[0].prompt_token_ids), a.vector_norm)
         return vectors, (f"{len(vectors.names)} random directions, per layer {a.vector_norm} x the model's "
                          "mean residual norm on a workload prompt")

@@ -45,7 +45,7 @@ def persona_params(params, steer: list[dict[str, Any]] | None = None, monitor: A
     return out
 
 
-def projections(output, timeout: float = 30.0, request_key: str | None = None) -> dict[str, dict[int, LayerProjection]]:
+def projections(output, timeout: float = 120.0, request_key: str | None = None) -> dict[str, dict[int, LayerProjection]]:
     """Projections of a finished `RequestOutput` (`{}` if it monitored nothing)."""
     from personavec_vllm.steering.frontend import projection_sink
 

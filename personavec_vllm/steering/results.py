@@ -13,6 +13,7 @@ token `i` was sampled. The final output token is never fed back, so a request th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -147,31 +148,40 @@ class ProjectionSink:
             self._pending[key] = _Pending(expected=list(expected))
 
     def _run(self) -> None:
+        """Drain the socket forever: a bad message is logged and dropped, never fatal, because
+        every later request's projections depend on this thread."""
         last_sweep = time.monotonic()
         while True:
-            if not self._socket.poll(1000):
-                continue
-            message: Message = pickle.loads(self._socket.recv())
-            now = time.monotonic()
-            with self._cond:
-                for key, start, series in message.values:
-                    pending = self._pending.setdefault(key, _Pending())
-                    pending.touched = now
-                    for name, values in series.items():
-                        slots = pending.values.setdefault(name, {})
-                        for offset, value in enumerate(values):
-                            slots[start + offset] = value
-                for key in message.done:
-                    pending = self._pending.setdefault(key, _Pending())
-                    pending.done, pending.touched = True, now
-                    for loop, future in pending.waiters:
-                        loop.call_soon_threadsafe(_resolve, future)
-                    pending.waiters.clear()
-                if now - last_sweep > 60:  # results nobody asked for (aborted requests)
-                    for key in [k for k, p in self._pending.items() if now - p.touched > self.ttl_s]:
-                        del self._pending[key]
-                    last_sweep = now
-                self._cond.notify_all()
+            try:
+                if not self._socket.poll(1000):
+                    continue
+                message: Message = pickle.loads(self._socket.recv())
+                now = time.monotonic()
+                with self._cond:
+                    self._take(message, now)
+                    if now - last_sweep > 60:  # results nobody asked for (aborted requests)
+                        for key in [k for k, p in self._pending.items() if now - p.touched > self.ttl_s]:
+                            del self._pending[key]
+                        last_sweep = now
+                    self._cond.notify_all()
+            except Exception:  # noqa: BLE001 - keep the sink alive
+                logger.exception("personavec: dropped a projection message")
+
+    def _take(self, message: Message, now: float) -> None:
+        for key, start, series in message.values:
+            pending = self._pending.setdefault(key, _Pending())
+            pending.touched = now
+            for name, values in series.items():
+                slots = pending.values.setdefault(name, {})
+                for offset, value in enumerate(values):
+                    slots[start + offset] = value
+        for key in message.done:
+            pending = self._pending.setdefault(key, _Pending())
+            pending.done, pending.touched = True, now
+            for loop, future in pending.waiters:
+                with contextlib.suppress(RuntimeError):  # the waiter's event loop has closed
+                    loop.call_soon_threadsafe(_resolve, future)
+            pending.waiters.clear()
 
     def collect(self, key: str, num_generated: int | None = None, timeout: float = 30.0) -> dict[str, dict[int, LayerProjection]]:
         """Wait until the request's projections are complete and take them:

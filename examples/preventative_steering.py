@@ -13,8 +13,10 @@
 Writes into `examples/results/`: the dataset, `preventative_steering.json` (settings, losses,
 shifts), `preventative_steering.md` (table) and `preventative_steering_shift.png` (shift per layer).
 
-    python examples/preventative_steering.py                # defaults: 120 steps per run
-    python examples/preventative_steering.py --steps 40     # quicker
+    python examples/preventative_steering.py                        # both runs, 20 steps each
+    python examples/preventative_steering.py --runs plain           # one run at a time (each saved
+    python examples/preventative_steering.py --runs preventative    # in results/runs/; the report
+                                                                    # combines runs with equal settings)
     python examples/preventative_steering.py --screen       # also screen the dataset (mean dP)
 
 Needs `pip install -e .[train]` (peft).
@@ -41,6 +43,7 @@ from personavec_vllm.training import preventative_steering
 from personavec_vllm.vectors import PersonaVector
 
 ROOT = Path(__file__).resolve().parent.parent
+RUNS = ("plain", "preventative")
 DEFAULT_VECTORS = ROOT / "vectors" / DEFAULT_MODEL_NAME
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -161,17 +164,24 @@ def main(argv=None) -> int:
                    help="steering coefficient during training (default: 2 / the vector's norm at its layer "
                         "times that norm, i.e. 2.0 for a diff-of-means vector)")
     p.add_argument("--layer", type=int, default=None, help="steering layer (default: the vector's recommended layer)")
-    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--samples", type=int, default=200, help="training samples (at most)")
-    p.add_argument("--max-len", type=int, default=192, help="tokens per training example (truncated)")
+    p.add_argument("--max-len", type=int, default=96, help="tokens per training example (truncated)")
     p.add_argument("--questions", type=int, default=None, help="evaluation questions for the shift (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--screen", action="store_true", help="also screen the training set (dataset mean dP; starts vLLM)")
+    p.add_argument("--runs", default=",".join(RUNS),
+                   help="which fine-tunes to run now (comma-separated: plain, preventative); runs saved earlier "
+                        "with the same settings are included in the report, so they can be done one at a time")
+    p.add_argument("--all-vectors", action="store_true", help="measure the shift on every vector of the library")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
+    args.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    if any(r not in RUNS for r in args.runs):
+        p.error(f"--runs: choose from {', '.join(RUNS)}")
 
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -213,6 +223,10 @@ def main(argv=None) -> int:
                      "max_len": args.max_len, "seed": args.seed},
         "runs": {},
     }
+    # Runs saved with the same settings (coefficient aside) go into one report.
+    settings_key = {k: results[k] for k in ("model", "trait", "vector", "layer")}
+    settings_key.update(training=results["training"], samples=len(data), questions=args.questions,
+                        all_vectors=args.all_vectors)
     if args.screen:
         from personavec_vllm.screen import ScreenSettings, read_dataset, screen_dataset
 
@@ -223,42 +237,67 @@ def main(argv=None) -> int:
                              for name, s in screened.summary["vectors"].items()}
         results["screen_seconds"] = round(time.monotonic() - t0, 1)
 
-    series = {}
-    for run, steer in (("plain", None), ("preventative", (vector, coeff, layer))):
-        log(f"fine-tuning ({run}) for {args.steps} steps ...")
+    shift_vectors = library if args.all_vectors else [vector]
+    runs_dir = out / "runs"
+    for run in args.runs:
+        steer = None if run == "plain" else (vector, coeff, layer)
+        name = "plain" if steer is None else f"preventative_c{coeff:g}"
+        log(f"fine-tuning ({name}) for {args.steps} steps ...")
         tuned, info = finetune(model_path, data, tokenizer, args, steer)
-        rows = measure_shift(base, tuned, library, tokenizer=tokenizer, max_questions=args.questions,
+        tuned = tuned.merge_and_unload()  # same function, plain forward passes (faster to measure)
+        rows = measure_shift(base, tuned, shift_vectors, tokenizer=tokenizer, max_questions=args.questions,
                              layers={vector.name: layer})
-        series[run] = rows
-        results["runs"][run] = {**info, "shift": {r["vector"]: {k: v for k, v in r.items() if k != "vector"}
-                                                  for r in rows}}
-        log(f"{run}: train loss {info['train_loss']:.3f}, {args.trait} shift {rows[[r['vector'] for r in rows].index(vector.name)]['shift']:+.4f}")
         del tuned
+        record = {"settings": settings_key, "coeff": None if steer is None else coeff, **info, "shift_rows": rows}
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        (runs_dir / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        shift = next(r["shift"] for r in rows if r["vector"] == vector.name)
+        log(f"{name}: train loss {info['train_loss']:.3f}, {args.trait} shift {shift:+.4f} (saved {runs_dir / (name + '.json')})")
 
-    plain = results["runs"]["plain"]["shift"][vector.name]["shift"]
-    prevented = results["runs"]["preventative"]["shift"][vector.name]["shift"]
-    results["summary"] = {"plain_shift": plain, "preventative_shift": prevented,
-                          "reduction": (1 - prevented / plain) if plain else None}
+    # The report covers every run saved with these settings (runs may come from separate invocations):
+    # the plain run and one preventative run per coefficient.
+    records = []
+    for path in sorted(runs_dir.glob("*.json")) if runs_dir.is_dir() else []:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("settings") == settings_key:
+            records.append((path.stem, record))
+    records.sort(key=lambda item: (item[1]["coeff"] is not None, item[1]["coeff"] or 0.0))
+    series = {}
+    for name, record in records:
+        label = "plain" if record["coeff"] is None else f"preventative, coeff {record['coeff']:g}"
+        series[label] = record["shift_rows"]
+        results["runs"][label] = {k: v for k, v in record.items() if k not in ("settings", "shift_rows")}
+        results["runs"][label]["shift"] = {r["vector"]: {k: v for k, v in r.items() if k != "vector"}
+                                           for r in record["shift_rows"]}
+    if "plain" in results["runs"]:
+        plain = results["runs"]["plain"]["shift"][vector.name]["shift"]
+        results["summary"] = {"plain_shift": plain, "preventative_shift": {
+            str(r["coeff"]): r["shift"][vector.name]["shift"] for label, r in results["runs"].items() if label != "plain"}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "preventative_steering.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     lines = [f"# Preventative steering: {args.trait} on {Path(model_path).name}", "",
-             f"Data: {len(data)} samples ({data_source}). LoRA r={args.lora_rank}, {args.steps} steps x batch "
-             f"{args.batch_size}, lr {args.lr}. Steering during training: coeff {coeff} x {vector.name} at layer {layer} "
-             f"(|v| = {results['vector_norm_at_layer']:.3f}); vector: {vector_source}.", "",
-             "| run | final train loss | {0} shift at layer {1} |".format(args.trait, layer), "|---|---:|---:|"]
-    for run in ("plain", "preventative"):
+             f"Data: {len(data)} samples ({data_source}). LoRA r={args.lora_rank} on every linear layer, "
+             f"{args.steps} steps x batch {args.batch_size}, lr {args.lr}, max {args.max_len} tokens, seed {args.seed} "
+             f"(every run starts from the same weights and sees the same batches). Preventative runs add coeff x "
+             f"{vector.name}[{layer}] after decoder layer {layer - 1} at every position while training "
+             f"(|v[{layer}]| = {results['vector_norm_at_layer']:.3f}); vector: {vector_source}. Shift: mean "
+             "last-prompt-token activation on the trait's evaluation questions, tuned minus base, projected on the "
+             "unit vector, measured after the hook is removed.", "",
+             f"| run | final train loss | {args.trait} shift at layer {layer} |", "|---|---:|---:|"]
+    for run in series:
         r = results["runs"][run]
         lines.append(f"| {run} | {r['train_loss']:.3f} | {r['shift'][vector.name]['shift']:+.4f} |")
     if "screen" in results:
         lines += ["", "Dataset screening (mean projection difference): " + ", ".join(
             f"{n} {s['mean_dP']:+.4f} (layer {s['layer']})" for n, s in results["screen"].items())]
     for run, rows in series.items():
-        lines += ["", f"## {run}: shift on every vector", "", shift_table(rows)]
+        lines += ["", f"## {run}: shift per vector", "", shift_table(rows)]
     (out / "preventative_steering.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    plot_shift({run: [r for r in rows if r["vector"] == vector.name] for run, rows in series.items()},
-               out / "preventative_steering_shift.png",
-               title=f"{args.trait} shift after LoRA fine-tuning, with and without preventative steering")
-    print("\n".join(lines[:8]))
+    if series:
+        plot_shift({run: [r for r in rows if r["vector"] == vector.name] for run, rows in series.items()},
+                   out / "preventative_steering_shift.png",
+                   title=f"{args.trait} shift after LoRA fine-tuning, with and without preventative steering")
+    print("\n".join(lines[:10]))
     print(f"\nwrote {out}/preventative_steering.{{json,md}}, preventative_steering_shift.png")
     return 0
 

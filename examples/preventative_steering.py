@@ -160,9 +160,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="HF model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--vectors", default=str(DEFAULT_VECTORS), help="vector library folder")
     p.add_argument("--trait", default="evil")
-    p.add_argument("--coeff", type=float, default=None,
-                   help="steering coefficient during training (default: 2 / the vector's norm at its layer "
-                        "times that norm, i.e. 2.0 for a diff-of-means vector)")
+    p.add_argument("--coeff", type=float, default=1.0,
+                   help="steering coefficient during training (default 1.0: for a diff-of-means vector, the whole "
+                        "difference between trait and non-trait answers; 2.0 overshoots on the default model)")
     p.add_argument("--layer", type=int, default=None, help="steering layer (default: the vector's recommended layer)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=4)
@@ -192,7 +192,8 @@ def main(argv=None) -> int:
     vectors_dir = Path(args.vectors)
     if (vectors_dir / f"{args.trait}.safetensors").is_file():
         library = load_vectors([vectors_dir])
-        vector_source = str(vectors_dir / f"{args.trait}.safetensors")
+        vector_path = (vectors_dir / f"{args.trait}.safetensors").resolve()
+        vector_source = str(vector_path.relative_to(ROOT) if vector_path.is_relative_to(ROOT) else vector_path)
     else:
         log(f"WARNING: no {args.trait}.safetensors in {vectors_dir}: using a RANDOM direction (the result then "
             "only shows that the code runs)")
@@ -205,7 +206,7 @@ def main(argv=None) -> int:
     vector = next(v for v in library if v.name == args.trait)
     vector.check_fits(num_layers, hidden)
     layer = args.layer or vector.layer
-    coeff = args.coeff if args.coeff is not None else 2.0
+    coeff = args.coeff
     log(f"vector {vector.name!r}: layer {layer}, |v[{layer}]| = {vector.vectors[layer].norm():.3f}, coeff {coeff}")
 
     pairs, data_source = trait_answers(args.trait, vectors_dir, model_path, args.samples, args.seed)

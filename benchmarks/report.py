@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from benchmarks.scenarios import BASELINE, BY_KEY, SCENARIOS, label
+from benchmarks.scenarios import BASELINE, BASELINES, BY_KEY, SCENARIOS, label
 
 
 @dataclass
@@ -125,9 +125,19 @@ def closed_loop_times(measured: Sequence[tuple[float, float]], concurrency: int)
     return out
 
 
-def ratios(stats: Sequence[LevelStats], baseline: str = BASELINE) -> dict[tuple[str, int], float]:
-    """Output tok/s of each (scenario, concurrency) over the baseline's at the same concurrency."""
-    base = {s.concurrency: s.tok_per_s for s in stats if s.scenario == baseline}
+def baseline_rates(stats: Sequence[LevelStats], baselines: Sequence[str] = BASELINES) -> dict[int, float]:
+    """Per concurrency, the mean output tok/s of the baseline scenarios measured there (scenario 1,
+    and 1' when the plain server ran a second time after the personavec server)."""
+    rates: dict[int, list[float]] = {}
+    for s in stats:
+        if s.scenario in baselines and not math.isnan(s.tok_per_s):
+            rates.setdefault(s.concurrency, []).append(s.tok_per_s)
+    return {c: sum(v) / len(v) for c, v in rates.items()}
+
+
+def ratios(stats: Sequence[LevelStats], baselines: Sequence[str] = BASELINES) -> dict[tuple[str, int], float]:
+    """Output tok/s of each (scenario, concurrency) over the baseline at the same concurrency."""
+    base = baseline_rates(stats, baselines)
     return {(s.scenario, s.concurrency): s.tok_per_s / base[s.concurrency]
             for s in stats if s.concurrency in base and base[s.concurrency] > 0}
 
@@ -144,14 +154,14 @@ class Target:
     text: str
     scenarios: tuple[str, ...]
     minimum: float
-    over: str = BASELINE  # ratio over this scenario
+    over: str = BASELINE  # ratio over this scenario (BASELINE: over the baseline, see `ratios`)
     concurrency: int | None = None  # None: every level
 
 
 TARGETS = (
-    Target("2 >= 0.99 x 1", ("unsteered",), 0.99),
-    Target("3, 4 >= 0.97 x 1", ("steer_same", "steer_distinct"), 0.97),
-    Target("5 >= 0.95 x 1", ("monitor1", "monitor3"), 0.95),
+    Target("2 >= 0.99 x plain vLLM", ("unsteered",), 0.99),
+    Target("3, 4 >= 0.97 x plain vLLM", ("steer_same", "steer_distinct"), 0.97),
+    Target("5 >= 0.95 x plain vLLM", ("monitor1", "monitor3"), 0.95),
     Target("4 >= 5 x 6b (HF, distinct specs) at concurrency 32", ("steer_distinct",), 5.0,
            over="hf_distinct", concurrency=32),
 )
@@ -162,7 +172,10 @@ def evaluate_targets(stats: Sequence[LevelStats]) -> list[dict]:
     rows = []
     for t in TARGETS:
         for key in t.scenarios:
-            measured = speedup(stats, key, t.over)
+            if t.over == BASELINE:
+                measured = {c: v for (k, c), v in sorted(ratios(stats).items()) if k == key}
+            else:
+                measured = speedup(stats, key, t.over)
             if t.concurrency is not None:
                 measured = {c: v for c, v in measured.items() if c == t.concurrency}
             rows.append({
@@ -219,7 +232,7 @@ def ratio_table(stats: Sequence[LevelStats]) -> str:
 def full_table(stats: Sequence[LevelStats]) -> str:
     r = ratios(stats)
     lines = [
-        "| scenario | conc. | requests | output tok/s | ratio to 1 | latency p50 (s) | latency p99 (s) "
+        "| scenario | conc. | requests | output tok/s | ratio to baseline | latency p50 (s) | latency p99 (s) "
         "| TTFT p50 (s) | TTFT p99 (s) | errors | other CPU (cores) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -265,7 +278,13 @@ def markdown(report: Report, plot_files: Sequence[str] = ()) -> str:
     parts += ["## Scenarios", ""]
     present = set(_scenarios(report.stats))
     parts += [f"- **{s.number} {s.title}**: {s.description}" for s in SCENARIOS if s.key in present] + [""]
-    parts += ["## Output tokens/s relative to scenario 1 (the headline)", "", ratio_table(report.stats), ""]
+    twice = any(s.scenario == "plain_after" for s in report.stats)
+    parts += ["## Output tokens/s relative to plain vLLM (the headline)", ""]
+    if twice:
+        parts += ["The baseline is the mean of scenarios 1 and 1' (the plain server before and after the "
+                  "personavec server) at the same concurrency; their own ratios show how far the machine "
+                  "drifted during the run, which bounds what the other ratios can resolve.", ""]
+    parts += [ratio_table(report.stats), ""]
     if any(s.scenario in ("hf_same", "hf_distinct") for s in report.stats):
         parts += ["## Against the HF transformers reference (output tokens/s ratio)", "", hf_table(report.stats), ""]
     parts += ["## Targets (measured, not asserted)", "", targets_table(report.stats), ""]
@@ -327,7 +346,7 @@ def write_plots(stats: Sequence[LevelStats], out_dir: Path, prefix: str) -> list
         xs = [c for c in levels if (key, c) in by]
         ax1.plot(xs, [by[(key, c)].tok_per_s for c in xs], style[key], color=colors[key], marker="o",
                  label=label(key))
-        if key != BASELINE and BY_KEY[key].group != "hf":
+        if BY_KEY[key].group != "hf" and (key != BASELINE or "plain_after" in keys):
             xr = [c for c in xs if (key, c) in r]
             ax2.plot(xr, [r[(key, c)] for c in xr], color=colors[key], marker="o", label=label(key))
     ax1.set(xscale="log", yscale="log", xlabel="concurrency", ylabel="output tokens/s",
@@ -335,7 +354,7 @@ def write_plots(stats: Sequence[LevelStats], out_dir: Path, prefix: str) -> list
     ax2.axhline(1.0, color="gray", lw=0.8)
     for t, color in ((0.99, "tab:green"), (0.97, "tab:orange"), (0.95, "tab:red")):
         ax2.axhline(t, color=color, lw=0.8, ls=":")
-    ax2.set(xscale="log", xlabel="concurrency", ylabel="tok/s relative to scenario 1",
+    ax2.set(xscale="log", xlabel="concurrency", ylabel="tok/s relative to plain vLLM (scenario 1)",
             title="Relative to plain vLLM (dotted: targets 0.99/0.97/0.95)")
     ax1.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax1.yaxis.set_minor_formatter(NullFormatter())

@@ -82,7 +82,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
     p.add_argument("--scenarios", type=_scenario_list, default=None,
                    help="comma-separated subset, by number or key (default: all): "
-                        "1,2,3,4,5a,5b,6a,6b; scenario 1 is always run as the baseline")
+                        "1,1',2,3,4,5a,5b,6a,6b; scenario 1 is always run as the baseline")
+    p.add_argument("--no-baseline-after", action="store_true",
+                   help="measure plain vLLM only before the personavec server, not again after it "
+                        "(scenario 1'; saves a server start but hides drift of the machine)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="start vLLM with --enforce-eager (default: vLLM's compiled mode)")
     p.add_argument("--vectors", default=None,
@@ -325,6 +328,8 @@ class Bench:
         from benchmarks.scenarios import SCENARIOS
 
         wanted = args.scenarios or [s.key for s in SCENARIOS]
+        if args.no_baseline_after:
+            wanted = [k for k in wanted if k != "plain_after"]
         self.scenarios = [s.key for s in SCENARIOS if s.key in set(wanted) | {"plain"}]
         self.results = []
         self.checks: list[str] = []
@@ -386,7 +391,7 @@ class Bench:
         from personavec_vllm.testing import free_port, run_server
 
         env = self.server_env(plugin)
-        which = "plugin" if plugin else "plain"
+        which = "plugin" if plugin else ("plain-again" if keys == ["plain_after"] else "plain")
         log_dir = self.out if self.args.keep_logs else Path(self.tmp)
         log_path = log_dir / f"{self.args.prefix}_server_{which}.log"
         log(f"starting the {'personavec' if plugin else 'plain vLLM'} server (VLLM_PLUGINS={env['VLLM_PLUGINS']}; "
@@ -396,10 +401,10 @@ class Bench:
             with run_server(self.server_args(self.vectors.directory), port=free_port(), log_path=log_path,
                             env=env, startup_timeout=self.args.startup_timeout) as base:
                 log(f"server ready after {time.monotonic() - t:.0f} s")
-                self.notes.append(f"{'personavec' if plugin else 'plain vLLM'} server start: "
+                self.notes.append(f"{which} server start: "
                                   f"{time.monotonic() - t:.0f} s (not measured)")
                 self.sanity_checks(base, plugin)
-                self.warm_up(base, keys)
+                self.warm_up(base, keys, plugin)
                 for li, c in enumerate(self.levels):
                     # rotate the order at each level so that no scenario always runs first
                     order = keys[li % len(keys):] + keys[:li % len(keys)]
@@ -448,10 +453,14 @@ class Bench:
         except Exception as exc:  # noqa: BLE001 - a refusal also means "not applied"
             steered = {"error": str(exc)}
         if not plugin:
+            if text != self.check_texts["unsteered"]:
+                raise RuntimeError("unsteered output differs between the two plain servers")
             if "persona" in steered or (steered.get("choices") and steered["choices"][0]["text"] != text):
                 raise RuntimeError("the plain vLLM server applied persona_steer: the plugin is not excluded")
-            self.checks.append("scenario 1 server ignores persona fields: a request with persona_steer "
-                               f"(coeff {CHECK_COEFF}) got no `persona` object and the unsteered text")
+            check = ("scenario 1 server ignores persona fields: a request with persona_steer "
+                     f"(coeff {CHECK_COEFF}) got no `persona` object and the unsteered text")
+            if check not in self.checks:
+                self.checks.append(check)
             return
         if text != self.check_texts["unsteered"]:
             raise RuntimeError("unsteered output differs between the plain and the personavec server")
@@ -465,7 +474,7 @@ class Bench:
                            f"(coeff {CHECK_COEFF}) changes the greedy output; monitoring returns projections "
                            "for every asked vector")
 
-    def warm_up(self, base: str, keys: list[str]) -> None:
+    def warm_up(self, base: str, keys: list[str], plugin: bool) -> None:
         """Untimed: a few short requests at the largest concurrency with every scenario's specs
         (the first use of every vector loads it into the engine's tables)."""
         from dataclasses import replace
@@ -476,7 +485,6 @@ class Bench:
         c = max(self.levels)
         reqs = [replace(r, output_len=4) for r in self.workload[:max(16, len(self.vectors.names))]]
         names = self.vectors.names
-        plugin = keys != ["plain"]
 
         def extra_of(i: int) -> dict:
             if plugin and i < len(names):  # the first use of every vector
@@ -611,6 +619,8 @@ class Bench:
             plugin_keys = [k for k in self.scenarios if k in PLUGIN_SCENARIOS]
             if plugin_keys:
                 self.run_server_scenarios(True, plugin_keys)
+            if "plain_after" in self.scenarios:
+                self.run_server_scenarios(False, ["plain_after"])
             hf_keys = [k for k in self.scenarios if k in HF_SCENARIOS]
             if hf_keys:
                 self.run_hf(hf_keys)

@@ -22,6 +22,9 @@ class Scenario:
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario("plain", "1", "vLLM, no plugin",
              "stock vLLM: the same server command with VLLM_PLUGINS excluding personavec", "plain"),
+    Scenario("plain_after", "1'", "vLLM, no plugin, again",
+             "scenario 1 once more, on a new plain server started after the personavec server: the "
+             "spread between 1 and 1' is how much the machine drifted over the run", "plain"),
     Scenario("unsteered", "2", "plugin, unsteered",
              "personavec loaded (op after every decoder layer), requests carry no persona fields", "plugin"),
     Scenario("steer_same", "3", "steered, one spec",
@@ -42,6 +45,8 @@ SCENARIOS: tuple[Scenario, ...] = (
 )
 BY_KEY = {s.key: s for s in SCENARIOS}
 BASELINE = "plain"
+# Ratios divide by the mean of these (those measured) at the same concurrency.
+BASELINES = ("plain", "plain_after")
 PLUGIN_SCENARIOS = tuple(s.key for s in SCENARIOS if s.group == "plugin")
 HF_SCENARIOS = tuple(s.key for s in SCENARIOS if s.group == "hf")
 

@@ -156,7 +156,8 @@ def _stats(key, c, tok_s):
 
 
 def _all_stats(levels=(1, 8, 32)):
-    factor = {"plain": 1.0, "unsteered": 0.995, "steer_same": 0.98, "steer_distinct": 0.96, "monitor1": 0.97,
+    # the two baseline runs average to 1.0
+    factor = {"plain": 0.95, "plain_after": 1.05, "unsteered": 0.995, "steer_same": 0.98, "steer_distinct": 0.96, "monitor1": 0.97,
               "monitor3": 0.9, "hf_same": 0.5, "hf_distinct": 0.1}
     return [_stats(s.key, c, 100.0 * c * factor[s.key]) for s in SCENARIOS for c in levels]
 
@@ -164,16 +165,21 @@ def _all_stats(levels=(1, 8, 32)):
 def test_ratios_speedup_and_targets():
     stats = _all_stats()
     r = rep.ratios(stats)
-    assert r[("plain", 8)] == 1.0
+    assert r[("plain", 8)] == pytest.approx(0.95) and r[("plain_after", 8)] == pytest.approx(1.05)
+    assert rep.baseline_rates(stats)[8] == pytest.approx(800.0)
     assert r[("steer_distinct", 32)] == pytest.approx(0.96)
     assert rep.speedup(stats, "steer_distinct", "hf_distinct")[32] == pytest.approx(9.6)
     rows = {(row["target"], row["scenario"]): row for row in rep.evaluate_targets(stats)}
-    assert rows[("2 >= 0.99 x 1", "unsteered")]["met"]
-    assert rows[("3, 4 >= 0.97 x 1", "steer_same")]["met"]
-    assert not rows[("3, 4 >= 0.97 x 1", "steer_distinct")]["met"]
-    assert not rows[("5 >= 0.95 x 1", "monitor3")]["met"]
+    assert rows[("2 >= 0.99 x plain vLLM", "unsteered")]["met"]
+    assert rows[("3, 4 >= 0.97 x plain vLLM", "steer_same")]["met"]
+    assert not rows[("3, 4 >= 0.97 x plain vLLM", "steer_distinct")]["met"]
+    assert not rows[("5 >= 0.95 x plain vLLM", "monitor3")]["met"]
     hf = rows[("4 >= 5 x 6b (HF, distinct specs) at concurrency 32", "steer_distinct")]
     assert hf["met"] and set(hf["measured"]) == {32}
+    # without 1', scenario 1 alone is the baseline
+    only1 = [s for s in stats if s.scenario != "plain_after"]
+    assert rep.ratios(only1)[("plain", 8)] == 1.0
+    assert rep.ratios(only1)[("steer_distinct", 8)] == pytest.approx(0.96 / 0.95)
     no32 = rep.evaluate_targets(_all_stats(levels=(1, 2)))
     assert not no32[-1]["evaluated"] and not no32[-1]["met"]
 
@@ -226,16 +232,19 @@ def test_benchmark_smoke(tmp_path, tiny_llama):
     from benchmarks.run import main
 
     out = tmp_path / "results"
+    # --no-baseline-after: 1' is scenario 1 again on a third server start, which a smoke run skips
     code = main(["--model", str(tiny_llama), "--enforce-eager", "--concurrency", "1,2", "--requests", "3",
-                 "--prompt-len", "16:48", "--output-len", "4:6", "--out", str(out), "--no-progress"])
+                 "--prompt-len", "16:48", "--output-len", "4:6", "--out", str(out), "--no-progress",
+                 "--no-baseline-after"])
     assert code == 0
     md = (out / "serving.md").read_text()
-    for s in SCENARIOS:
+    scenarios = [s for s in SCENARIOS if s.key != "plain_after"]
+    for s in scenarios:
         assert label(s.key) in md, s.key
     assert "--enforce-eager" in md
     with open(out / "serving.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {(r["scenario"], r["concurrency"]) for r in rows} == {(s.key, c) for s in SCENARIOS for c in ("1", "2")}
+    assert {(r["scenario"], r["concurrency"]) for r in rows} == {(s.key, c) for s in scenarios for c in ("1", "2")}
     assert all(r["errors"] == "0" and float(r["tok_per_s"]) > 0 for r in rows)
     assert all(int(r["output_tokens"]) == int(rows[0]["output_tokens"]) for r in rows)  # same work everywhere
     for png in ("serving_throughput.png", "serving_latency.png"):

@@ -68,26 +68,25 @@ def _wait(sink: ProjectionSink, key: str, timeout: float = 10.0):
 
 
 def test_router_sends_each_request_to_its_front_end():
-    one, two, default = ProjectionSink(), ProjectionSink(), ProjectionSink()
-    router = ResultRouter(default.address)
-    for sink, key in ((one, "r1"), (two, "r2"), (default, "r3")):
+    one, two = ProjectionSink(), ProjectionSink()
+    router = ResultRouter()
+    for sink, key in ((one, "r1"), (two, "r2")):
         sink.expect(key, [("a", 2)])
     router.route("r1", one.address)
     router.route("r2", two.address)
-    router.route("r3", None)  # no address named: the default sink
+    router.route("r3", None)  # no address named: nobody waits, nothing is sent
     router.send(Message(values=[("r1", 0, {("a", 2): [1.0, 2.0]}), ("r2", 0, {("a", 2): [5.0, 7.0]}),
                                 ("r3", 0, {("a", 2): [3.0]})]))
     router.send(Message(done=["r1", "r2", "r3"]))
     assert _wait(one, "r1")["a"][2].per_token == [1.0, 2.0]
     assert _wait(two, "r2")["a"][2].response_mean == 7.0
-    assert _wait(default, "r3")["a"][2].prompt_last == 3.0
     assert router._routes == {}  # forgotten once done
     # a sink never sees another front end's requests
-    assert one._pending == {} and two._pending == {} and default._pending == {}
+    assert one._pending == {} and two._pending == {}
 
 
 def test_router_without_any_address_drops_quietly():
-    router = ResultRouter(None)
+    router = ResultRouter()
     router.send(Message(values=[("x", 0, {("a", 2): [1.0]})], done=["x"]))
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import pytest
 
@@ -58,3 +60,17 @@ def test_a_new_request_with_a_reused_key_starts_fresh():
     sink.expect("k", [("a", 1)])
     pub.send(Message(values=[("k", 0, {("a", 1): [1.0]})], done=["k"]))
     assert sink.collect("k", timeout=5)["a"][1].per_token == [1.0]
+
+
+def test_a_child_process_never_takes_over_the_parents_sink():
+    """A server or engine started from this process binds its own sink; when it exits, this
+    process's sink still receives (it once inherited the address and unlinked our socket file)."""
+    from personavec_vllm.steering.frontend import projection_sink
+
+    sink = projection_sink()
+    child = "from personavec_vllm.steering.frontend import projection_sink; print(projection_sink().address)"
+    out = subprocess.run([sys.executable, "-c", child], check=True, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() != sink.address
+    sink.expect("after-child", [("a", 1)])
+    ResultPublisher(sink.address).send(Message(values=[("after-child", 0, {("a", 1): [4.0]})], done=["after-child"]))
+    assert sink.collect("after-child", timeout=10)["a"][1].prompt_last == 4.0

@@ -10,9 +10,11 @@ engine, from the offline API and from HTTP alike. There we
   blocks are never shared with differently steered or plain requests.
 
 `InputProcessor.__init__` runs in each API server process; there we bind that process's
-projection sink (and export its address for workers started after it). Each monitored request
-names the sink of the process that took it (`extra_args[REPLY_TO_KEY]`), so the worker answers
-the right process when `--api-server-count` starts several.
+projection sink, at an address of its own. Each monitored request names the sink of the process
+that took it (`extra_args[REPLY_TO_KEY]`), so the worker answers the right process when
+`--api-server-count` starts several. The address is never passed down through the environment:
+a child process that bound an inherited address would take the socket file from its parent
+(ZMQ unlinks and rebinds an `ipc://` path) and, on exit, leave the parent's sink deaf.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import os
 from personavec_vllm import RESOLVED_KEY
 from personavec_vllm.spec import Limits, PersonaSpec, PersonaSpecError, parse_extra_args
 from personavec_vllm.steering.architectures import architectures
-from personavec_vllm.steering.results import ADDRESS_ENV, REPLY_TO_KEY, ProjectionSink
+from personavec_vllm.steering.results import REPLY_TO_KEY, ProjectionSink
 from personavec_vllm.steering.runner import VECTORS_ENV
 from personavec_vllm.vectors import VectorLibrary
 
@@ -36,8 +38,7 @@ SINK: ProjectionSink | None = None
 def projection_sink() -> ProjectionSink:
     global SINK
     if SINK is None:
-        SINK = ProjectionSink(os.environ.get(ADDRESS_ENV) or None)
-        os.environ[ADDRESS_ENV] = SINK.address
+        SINK = ProjectionSink()
     return SINK
 
 

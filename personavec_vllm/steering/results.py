@@ -27,7 +27,6 @@ import zmq
 
 logger = logging.getLogger(__name__)
 
-ADDRESS_ENV = "PERSONAVEC_RESULTS_ADDR"
 # extra_args key: the sink address of the front-end process that took a monitored request.
 REPLY_TO_KEY = "personavec_reply_to"
 
@@ -82,13 +81,11 @@ class ResultRouter:
     """Worker side (tensor-parallel rank 0): sends each request's projections to the sink of the
     front-end process that took the request.
 
-    With several API server processes (`--api-server-count N`) each binds its own sink, and the
-    engine, started before them, finds no address in its environment: so every monitored request
-    names its front end's sink (`extra_args[REPLY_TO_KEY]`, set in `frontend.process_inputs`).
-    `default` (`$PERSONAVEC_RESULTS_ADDR`) serves requests that name none."""
+    With several API server processes (`--api-server-count N`) each binds its own sink, so every
+    monitored request names its front end's sink (`extra_args[REPLY_TO_KEY]`, set in
+    `frontend.process_inputs`). A request that names none has nobody waiting: nothing is sent."""
 
-    def __init__(self, default: str | None = None):
-        self.default = default
+    def __init__(self):
         self._routes: dict[str, str] = {}  # request_key -> sink address
         self._publishers: dict[str, ResultPublisher] = {}
 
@@ -99,11 +96,11 @@ class ResultRouter:
     def send(self, message: Message) -> None:
         parts: dict[str, Message] = {}
         for item in message.values:
-            address = self._routes.get(item[0], self.default)
+            address = self._routes.get(item[0])
             if address:
                 parts.setdefault(address, Message()).values.append(item)
         for key in message.done:  # nothing more comes for these requests
-            address = self._routes.pop(key, self.default)
+            address = self._routes.pop(key, None)
             if address:
                 parts.setdefault(address, Message()).done.append(key)
         for address, part in parts.items():

@@ -19,7 +19,7 @@ import os
 from personavec_vllm import RESOLVED_KEY
 from personavec_vllm.spec import PersonaSpec
 from personavec_vllm.steering import op
-from personavec_vllm.steering.results import ADDRESS_ENV, REPLY_TO_KEY, Message, ResultRouter
+from personavec_vllm.steering.results import REPLY_TO_KEY, Message, ResultRouter
 from personavec_vllm.steering.tables import SteeringTables
 from personavec_vllm.vectors import VectorLibrary
 
@@ -95,7 +95,7 @@ def _publisher() -> ResultRouter | None:
     states and tables); the others send nothing."""
     from vllm.distributed import get_tensor_model_parallel_rank
 
-    return ResultRouter(os.environ.get(ADDRESS_ENV) or None) if get_tensor_model_parallel_rank() == 0 else None
+    return ResultRouter() if get_tensor_model_parallel_rank() == 0 else None
 
 
 def plan_step(runner, num_scheduled_tokens) -> StepPlan | None:

@@ -34,12 +34,15 @@ def steer_and_capture(hidden: torch.Tensor, residual: torch.Tensor, layer: int) 
         return
     graph = _capturing_graph()
     n = hidden.shape[0]
+    # Only the columns that hold vectors (all of them in a captured graph, whose shapes are
+    # frozen); the rest are zero.
+    k = tables.max_columns if graph else max(len(tables.columns), 1)
     if graph or tables.steer_active[layer]:
-        coef = tables.coef[layer].index_select(0, tables.token_row[:n])  # [n, columns]
-        residual.add_((coef @ tables.lib[layer]).to(residual.dtype))
+        coef = tables.coef[layer, :, :k].index_select(0, tables.token_row[:n])  # [n, k]
+        residual.add_((coef @ tables.lib[layer, :k]).to(residual.dtype))
     if graph or tables.capture_active[layer]:
         stream = hidden.float() + residual.float()
-        torch.matmul(stream, tables.unit[layer].T, out=tables.proj[layer, :n])
+        torch.matmul(stream, tables.unit[layer, :k].T, out=tables.proj[layer, :n, :k])
 
 
 def _steer_and_capture_fake(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> None:

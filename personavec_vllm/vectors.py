@@ -83,6 +83,11 @@ class PersonaVector:
         `pos_mean`, `pos_std`, `neg_mean`, `neg_std` (stored as `stats.projection[layer]`)."""
         return self.stats().get("projection", {}).get(str(layer))
 
+    def plain_stats(self, layer: int) -> dict[str, float] | None:
+        """Projection statistics at `layer` on plain replies (no system prompt: what ordinary
+        traffic looks like): `mean`, `std` (stored as `stats.plain[layer]`), if recorded."""
+        return self.stats().get("plain", {}).get(str(layer))
+
     def check_fits(self, num_layers: int, hidden_size: int) -> None:
         if (self.num_layers, self.hidden_size) != (num_layers, hidden_size):
             raise VectorFileError(

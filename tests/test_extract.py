@@ -11,13 +11,14 @@ import torch
 from personavec_vllm.extract.judge import weighted_score
 from personavec_vllm.extract.pipeline import (
     Answer,
+    chat_prompt,
     diff_mean,
     keep_pair,
     pair_up,
     projection_stats,
     roc_auc,
 )
-from personavec_vllm.extract.sweep import SweepRow, is_monotonic, recommend_layer
+from personavec_vllm.extract.sweep import SweepRow, fluency, fluent_range, is_monotonic, recommend_layer, steering_effect
 
 
 def test_diff_mean_by_hand():
@@ -68,6 +69,64 @@ def test_recommended_layer_prefers_monotonic_effect():
     rows += [SweepRow(6, c, p) for c, p in ((-1, 0.0), (0, 0.9), (1, 0.8))]  # biggest swing, not monotonic
     assert is_monotonic(rows, 2) and not is_monotonic(rows, 6)
     assert recommend_layer(rows) == 4
+    # with separation (d'): layer 2 steers at 0.7 / 0.85 = 82% of layer 4 and separates better;
+    # layer 6 separates best but is not monotonic
+    assert recommend_layer(rows, {2: 9.0, 4: 1.0, 6: 50.0}) == 2
+    rows += [SweepRow(8, c, p) for c, p in ((-1, 0.3), (0, 0.5), (1, 0.8))]  # 0.5: under 80% of 0.85
+    assert recommend_layer(rows, {2: 1.0, 4: 2.0, 6: 50.0, 8: 99.0}) == 4
+
+
+def test_effect_and_monotonicity_count_only_the_fluent_range():
+    # layer 2: the biggest swing comes from coefficients whose replies are broken
+    rows = [SweepRow(2, c, p, fluent=f) for c, p, f in
+            ((-4, 0.0, False), (-1, 0.45, True), (0, 0.5, True), (1, 0.55, True), (4, 0.3, False))]
+    # layer 4: a smaller swing over fluent settings, but all of it usable
+    rows += [SweepRow(4, c, p, fluent=True) for c, p in ((-4, 0.3), (-1, 0.4), (0, 0.5), (1, 0.6), (4, 0.7))]
+    assert fluent_range(rows, 2) == (-1, 1) and fluent_range(rows, 4) == (-4, 4)
+    assert steering_effect(rows, 2) == pytest.approx(0.1) and is_monotonic(rows, 2)
+    assert recommend_layer(rows) == 4
+    # an island of fluency beyond a broken setting does not count
+    rows = [SweepRow(6, c, p, fluent=f) for c, p, f in ((0, 0.5, True), (1, 0.6, False), (2, 0.9, True))]
+    assert fluent_range(rows, 6) == (0, 0) and not is_monotonic(rows, 6)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(tiny_llama)
+
+
+def test_generation_hook_steers_the_last_prompt_token_and_every_new_token(tiny_hf):
+    """`steered_replies` (KV-cached generate) equals greedy decoding step by step with the
+    steering added, without a cache, at the last prompt position and every generated one."""
+    from personavec_vllm.extract.sweep import _steering_hook, steered_replies
+
+    model, tokenizer = tiny_hf
+    torch.manual_seed(0)
+    vector = torch.randn(model.config.num_hidden_layers + 1, model.config.hidden_size)
+    replies = steered_replies(model, tokenizer, ["Why is the sky blue?"], vector, 2, [0.0, 3.0], max_new_tokens=5)
+    (reply,) = replies[3.0]
+    ids, start = chat_prompt(tokenizer, None, "Why is the sky blue?")
+    expected = []
+    for _ in range(5):
+        mask = torch.zeros(1, len(ids), 1)
+        mask[0, start - 1 :] = 1.0
+        handle = model.model.layers[1].register_forward_hook(_steering_hook(3.0 * vector[2], mask))
+        try:
+            with torch.no_grad():
+                token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        finally:
+            handle.remove()
+        if token == tokenizer.eos_token_id:
+            break
+        ids, expected = ids + [token], expected + [token]
+    assert reply == expected
+    (plain,) = steered_replies(model, tokenizer, ["Why is the sky blue?"], None, 2, [0.0], max_new_tokens=5)[0.0]
+    assert replies[0.0] == [plain]  # a row with coefficient 0 in a steered batch is not steered
+    assert plain != reply  # the hook did something, and is gone afterwards
+    ppl, distinct = fluency(model, tokenizer, ["Why is the sky blue?"], [plain])
+    assert ppl > 0 and 0 < distinct <= 1
 
 
 @pytest.mark.slow
@@ -98,6 +157,8 @@ def test_pipeline_end_to_end_on_tiny_model(tmp_path, tiny_llama):
     assert v.layer == report["recommended_layer"] in (1, 3)
     assert v.extra["judge"].startswith("none") and v.extra["pairs_kept"] == str(len(full.instruction_pairs) * 3)
     assert set(v.projection_stats(v.layer)) == {"pos_mean", "pos_std", "neg_mean", "neg_std"}
+    assert set(v.plain_stats(v.layer)) == {"mean", "std"}  # plain replies: the alerting baseline
+    assert len((out / "reports" / "evil.plain.jsonl").read_text().splitlines()) == 2
     assert json.loads(v.extra["sweep"])["layers"] == [1, 3]
     for method in ("prompt_avg_diff", "prompt_last_diff"):
         variant = load_vector(out / "variants" / f"evil.{method}.safetensors")

@@ -87,15 +87,16 @@ def cmd_extract(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _summary_table(reports: list[dict]) -> str:
-    lines = ["| trait | layer | pairs kept | held-out AUC | MC P(trait) at min / 0 / max coeff | monotonic |",
-             "|---|---:|---:|---:|---|---|"]
+    lines = ["| trait | layer | pairs kept | held-out AUC | MC P(trait) at min / 0 / max coeff | monotonic | fluent coeffs |",
+             "|---|---:|---:|---:|---|---|---|"]
     for r in reports:
         mc = r["mc_at_recommended"]
         coeffs = sorted(mc, key=float)
         lines.append(
             f"| {r['trait']} | {r['recommended_layer']} | {r['pairs_kept']}/{r['pairs_total']} | "
             f"{r.get('heldout_auc_at_recommended', float('nan')):.3f} | "
-            f"{mc[coeffs[0]]:.3f} / {mc.get('0.0', float('nan')):.3f} / {mc[coeffs[-1]]:.3f} | {r['monotonic']} |"
+            f"{mc[coeffs[0]]:.3f} / {mc.get('0.0', float('nan')):.3f} / {mc[coeffs[-1]]:.3f} | {r['monotonic']} | "
+            f"{r['fluent_coeffs'][0]:g} .. {r['fluent_coeffs'][1]:g} |"
         )
     return "\n".join(lines)
 

@@ -79,6 +79,18 @@ def generate_answers(llm, trait: TraitDefinition, questions: list[str], *, sampl
     return jobs
 
 
+def generate_plain_answers(llm, questions: list[str], *, max_tokens: int, temperature: float) -> list[Answer]:
+    """Replies with no system prompt: what ordinary traffic looks like. Their projections say
+    where a deployment sits when nothing pushes it (the baseline that alert thresholds need)."""
+    from vllm import SamplingParams
+
+    tokenizer = llm.get_tokenizer()
+    prompts = [{"prompt_token_ids": chat_prompt(tokenizer, None, q)[0]} for q in questions]
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, skip_special_tokens=True)
+    outputs = llm.generate(prompts, params, use_tqdm=True)
+    return [Answer(q, -1, False, "", out.outputs[0].text.strip()) for q, out in zip(questions, outputs)]
+
+
 def pair_up(answers: list[Answer]) -> list[tuple[Answer, Answer]]:
     """(positive, negative) answers to the same question, instruction pair and sample."""
     negatives = {(a.question, a.pair, a.sample): a for a in answers if not a.positive}
@@ -162,18 +174,31 @@ def projection_stats(vector: torch.Tensor, positive: torch.Tensor, negative: tor
     }
 
 
+def plain_stats(vector: torch.Tensor, plain: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Per layer: mean and sd of `h . v / |v|` over plain replies (no system prompt)."""
+    unit = vector / vector.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    proj = torch.einsum("nlh,lh->nl", plain.float(), unit)
+    return {str(layer): {"mean": float(proj[:, layer].mean()), "std": float(proj[:, layer].std(unbiased=False))}
+            for layer in range(1, vector.shape[0])}
+
+
 def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
     """Probability that a random positive scores above a random negative (ties count half)."""
     pos, neg = np.asarray(positive)[:, None], np.asarray(negative)[None, :]
     return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
 
 
+def separation(vector: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> dict[int, float]:
+    """Per layer, how well the projection separates positives from negatives (d')."""
+    stats = projection_stats(vector, positive, negative)
+    return {int(layer): (s["pos_mean"] - s["neg_mean"]) / max(np.sqrt((s["pos_std"] ** 2 + s["neg_std"] ** 2) / 2), 1e-6)
+            for layer, s in stats.items()}
+
+
 def separation_layer(vector: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> int:
     """The layer whose projection best separates positives from negatives (largest d')."""
-    stats = projection_stats(vector, positive, negative)
-    def d_prime(s):
-        return (s["pos_mean"] - s["neg_mean"]) / max(np.sqrt((s["pos_std"] ** 2 + s["neg_std"] ** 2) / 2), 1e-6)
-    return int(max(stats, key=lambda layer: d_prime(stats[layer])))
+    scores = separation(vector, positive, negative)
+    return max(scores, key=scores.get)
 
 
 @dataclass
@@ -204,19 +229,22 @@ def _answers_key(settings: ExtractionSettings) -> dict:
     return {k: getattr(settings, k) for k in ("samples", "max_tokens", "temperature", "seed", "heldout_questions")}
 
 
-def _save_answers(reports_dir: Path, trait: str, settings: ExtractionSettings, answers, heldout) -> None:
+def _save_answers(reports_dir: Path, trait: str, settings: ExtractionSettings, answers, heldout, plain) -> None:
     """Checkpoint right after generation (the slow step), keyed by the generation settings."""
     _write_jsonl(reports_dir / f"{trait}.answers.jsonl", [asdict(a) for a in answers])
     _write_jsonl(reports_dir / f"{trait}.heldout.jsonl", [asdict(a) for a in heldout])
+    _write_jsonl(reports_dir / f"{trait}.plain.jsonl", [asdict(a) for a in plain])
     (reports_dir / f"{trait}.answers.settings.json").write_text(json.dumps(_answers_key(settings)))
 
 
 def _load_answers(reports_dir: Path, trait: str, settings: ExtractionSettings):
+    """(answers, held-out answers, plain replies or None) saved with the same settings, or None."""
     key = reports_dir / f"{trait}.answers.settings.json"
     if not key.exists() or json.loads(key.read_text()) != _answers_key(settings):
         return None
     read = lambda name: [Answer(**json.loads(line)) for line in (reports_dir / name).read_text().splitlines() if line]
-    return read(f"{trait}.answers.jsonl"), read(f"{trait}.heldout.jsonl")
+    plain = read(f"{trait}.plain.jsonl") if (reports_dir / f"{trait}.plain.jsonl").exists() else None
+    return read(f"{trait}.answers.jsonl"), read(f"{trait}.heldout.jsonl"), plain
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -243,18 +271,27 @@ def extract_traits(traits: list[TraitDefinition], model_path: str, out_dir: str 
     settings = settings or ExtractionSettings()
     out_dir, reports_dir = Path(out_dir), Path(out_dir) / "reports"
     started = time.monotonic()
-    answers, heldout, timings = {}, {}, {}
+    answers, heldout, plain, timings = {}, {}, {}, {}
     for trait in traits:  # answers saved by an earlier run with the same settings are reused
         saved = _load_answers(reports_dir, trait.name, settings)
         if saved is not None:
-            answers[trait.name], heldout[trait.name] = saved
+            answers[trait.name], heldout[trait.name], saved_plain = saved
+            if saved_plain is not None or not settings.heldout_questions:
+                plain[trait.name] = saved_plain or []
             timings[trait.name] = {"generate_s": 0.0}
     owns_llm = llm is None
-    if owns_llm and len(answers) < len(traits):
+    if owns_llm and (len(answers) < len(traits) or len(plain) < len(traits)):
         llm = LLM(model=str(model_path), dtype="float32", seed=settings.seed, max_model_len=2048,
                   gpu_memory_utilization=0.3, enforce_eager=eager)
     for trait in traits:
         if trait.name in answers:
+            if trait.name not in plain:  # answers saved before plain replies were recorded
+                t0 = time.monotonic()
+                plain[trait.name] = generate_plain_answers(
+                    llm, trait.evaluation_questions[: settings.heldout_questions],
+                    max_tokens=settings.max_tokens, temperature=settings.temperature)
+                timings[trait.name]["generate_s"] = time.monotonic() - t0
+                _write_jsonl(reports_dir / f"{trait.name}.plain.jsonl", [asdict(a) for a in plain[trait.name]])
             continue
         t0 = time.monotonic()
         answers[trait.name] = generate_answers(llm, trait, trait.extraction_questions, samples=settings.samples,
@@ -264,8 +301,13 @@ def extract_traits(traits: list[TraitDefinition], model_path: str, out_dir: str 
             heldout[trait.name] = generate_answers(llm, trait, trait.evaluation_questions[: settings.heldout_questions],
                                                    samples=1, max_tokens=settings.max_tokens,
                                                    temperature=settings.temperature)
+        plain[trait.name] = []
+        if settings.heldout_questions:
+            plain[trait.name] = generate_plain_answers(llm, trait.evaluation_questions[: settings.heldout_questions],
+                                                       max_tokens=settings.max_tokens,
+                                                       temperature=settings.temperature)
         timings[trait.name] = {"generate_s": time.monotonic() - t0}
-        _save_answers(reports_dir, trait.name, settings, answers[trait.name], heldout[trait.name])
+        _save_answers(reports_dir, trait.name, settings, answers[trait.name], heldout[trait.name], plain[trait.name])
     if owns_llm and llm is not None:
         llm.llm_engine.engine_core.shutdown()  # free the engine's memory before the HF model loads
         del llm
@@ -287,6 +329,10 @@ def extract_traits(traits: list[TraitDefinition], model_path: str, out_dir: str 
             kept = pairs
         means = hidden_means(model, tokenizer, [(a.system, a.question, a.text) for pair in kept for a in pair],
                              f" ({trait.name})")
+        plain_means = None
+        if plain.get(trait.name):
+            plain_means = hidden_means(model, tokenizer, [(None, a.question, a.text) for a in plain[trait.name]],
+                                       f" ({trait.name}, plain replies)")
         meta = {
             "judge": judge.describe() if judge is not None else "none (all pairs kept)",
             "pairs_total": str(len(pairs)), "pairs_kept": str(len(kept)),
@@ -298,6 +344,9 @@ def extract_traits(traits: list[TraitDefinition], model_path: str, out_dir: str 
             positive, negative = means[key][0::2], means[key][1::2]
             vector = diff_mean(positive, negative)
             stats = {"projection": projection_stats(vector, positive, negative), "source": "extraction answers"}
+            if plain_means is not None:  # where ordinary replies sit: the baseline for alerts
+                stats["plain"] = plain_stats(vector, plain_means[key])
+                stats["plain_source"] = f"{len(plain[trait.name])} replies to evaluation questions, no system prompt"
             vectors[key] = PersonaVector(
                 name=trait.name if key == "response" else f"{trait.name}.{method}", vectors=vector,
                 trait=trait.name, model=model_name or str(model_path),
@@ -306,7 +355,9 @@ def extract_traits(traits: list[TraitDefinition], model_path: str, out_dir: str 
             )
         main = vectors["response"]
         rows = sweeping.sweep(model, tokenizer, trait, main, sweep_layers, list(settings.sweep_coeffs))
-        layer = sweeping.recommend_layer(rows)
+        # steering strength first; among layers that steer nearly as well, the one that also
+        # monitors best (separation of the extraction answers, never the held-out ones)
+        layer = sweeping.recommend_layer(rows, separation(main.vectors, means["response"][0::2], means["response"][1::2]))
         main_path = out_dir / f"{trait.name}.safetensors"
         save_vector(main, main_path)
         main = sweeping.record_layer(main_path, main, layer, rows)
@@ -322,6 +373,11 @@ def extract_traits(traits: list[TraitDefinition], model_path: str, out_dir: str 
             "pairs_total": len(pairs), "pairs_kept": len(kept), "judge": meta["judge"],
             "steering_effect": sweeping.steering_effect(rows, layer),
             "monotonic": sweeping.is_monotonic(rows, layer),
+            "fluent_coeffs": list(sweeping.fluent_range(rows, layer)),
+            "projection_at_recommended": {
+                **main.projection_stats(layer),
+                **({f"plain_{k}": v for k, v in main.stats()["plain"][str(layer)].items()} if "plain" in main.stats() else {}),
+            },
             "mc_at_recommended": {str(r.coeff): round(r.mc_trait_probability, 4) for r in rows if r.layer == layer},
         }
         if heldout.get(trait.name):

@@ -19,7 +19,11 @@ are not in any rate: a counter is exported from its first observation on.
 
 - `PersonaTraitDrift` (warning): the windowed mean is above the midpoint between `pos_mean` and
   `neg_mean`: replies now look more like the trait-expressing extraction answers than like the
-  others. The same alert at severity `critical` fires above `pos_mean` itself.
+  others. The same alert at severity `critical` fires above `pos_mean` itself. Where extraction
+  also recorded plain replies (no system prompt; `PersonaVector.plain_stats`), the warning
+  threshold is at least `plain_mean + 2 plain_std` and the critical one at least
+  `plain_mean + 4 plain_std`: ordinary traffic of a small model can sit above the midpoint, and
+  an alert that fires on normal replies teaches people to ignore it.
 - `PersonaTraitSuddenRise` (warning): the windowed mean rose, relative to the same hour of the
   previous day (`offset 1d`), by more than `rise_fraction * (pos_mean - neg_mean)`.
 - `PersonaRequestsRejected` (warning): persona fields refused with HTTP 400 above a rate.
@@ -89,10 +93,23 @@ class TraitThresholds:
     layer: int
     pos_mean: float
     neg_mean: float
+    plain_mean: float | None = None
+    plain_std: float | None = None
 
     @property
     def midpoint(self) -> float:
         return (self.pos_mean + self.neg_mean) / 2
+
+    def _above_plain(self, sds: float) -> float:
+        return -math.inf if self.plain_mean is None else self.plain_mean + sds * (self.plain_std or 0.0)
+
+    @property
+    def warning(self) -> float:
+        return max(self.midpoint, self._above_plain(2))
+
+    @property
+    def critical(self) -> float:
+        return max(self.pos_mean, self._above_plain(4))
 
     @property
     def separation(self) -> float:
@@ -110,7 +127,29 @@ def thresholds(vector: PersonaVector) -> TraitThresholds | None:
         return None
     if not (math.isfinite(pos) and math.isfinite(neg)) or pos <= neg:
         return None
-    return TraitThresholds(vector.name, vector.trait, vector.layer, pos, neg)
+    plain = vector.plain_stats(vector.layer) or {}
+    try:
+        plain_mean, plain_std = float(plain["mean"]), float(plain["std"])
+        if not (math.isfinite(plain_mean) and math.isfinite(plain_std)):
+            raise ValueError
+    except (KeyError, TypeError, ValueError):
+        plain_mean = plain_std = None
+    return TraitThresholds(vector.name, vector.trait, vector.layer, pos, neg, plain_mean, plain_std)
+
+
+def _level_meaning(t: TraitThresholds, severity: str) -> str:
+    """Why the threshold of `severity` sits where it does, for the alert's description."""
+    extraction = (
+        f"the midpoint {_num(t.midpoint)} between answers that express the trait (mean {_num(t.pos_mean)}) and "
+        f"answers that do not (mean {_num(t.neg_mean)}) at extraction" if severity == "warning"
+        else f"{_num(t.pos_mean)}, the mean of answers that express the trait at extraction"
+    )
+    level = t.warning if severity == "warning" else t.critical
+    if t.plain_mean is None or level == (t.midpoint if severity == "warning" else t.pos_mean):
+        return extraction
+    sds = 2 if severity == "warning" else 4
+    return (f"{_num(level)}: plain replies at extraction (no system prompt) average {_num(t.plain_mean)} with sd "
+            f"{_num(t.plain_std)}, so the threshold is raised from {extraction} to their mean + {sds} sd")
 
 
 def load_library(directory: str | Path) -> list[PersonaVector]:
@@ -156,13 +195,8 @@ def _drift_rules(t: TraitThresholds, s: RuleSettings) -> list[dict]:
         f"(persona_steer: [{{\"vector\": \"{t.vector}\", \"coeff\": -2}}]) or roll back the change."
     )
     rules = []
-    for severity, level, meaning in (
-        ("warning", t.midpoint,
-         f"the midpoint {_num(t.midpoint)} between answers that express the trait (mean "
-         f"{_num(t.pos_mean)}) and answers that do not (mean {_num(t.neg_mean)}) at extraction"),
-        ("critical", t.pos_mean,
-         f"{_num(t.pos_mean)}, the mean of answers that express the trait at extraction"),
-    ):
+    for severity, level in (("warning", t.warning), ("critical", t.critical)):
+        meaning = _level_meaning(t, severity)
         rules.append({
             "alert": "PersonaTraitDrift",
             "expr": f"{mean}{sel} > {_num(level)}\n{enough}",
@@ -215,7 +249,7 @@ def build_rules(vectors: list[PersonaVector], settings: RuleSettings = RuleSetti
          "expr": f"sum by (model, reason) (rate(personavec_rejected_requests_total[{s.rejected_window}]))"},
     ]
     for t in (t for t in found.values() if t is not None):
-        for severity, level in (("warning", t.midpoint), ("critical", t.pos_mean)):
+        for severity, level in (("warning", t.warning), ("critical", t.critical)):
             labels = {"vector": t.vector, "trait": t.trait, "layer": str(t.layer), "severity": severity}
             if s.model:
                 labels["model"] = s.model
@@ -510,7 +544,8 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
         "rules", help="write Prometheus recording and alert rules for a vector library",
         description="Write Prometheus rules: the per-trait drift mean, drift alerts at thresholds derived "
                     "from each vector's stored projection statistics (midpoint of pos_mean and neg_mean "
-                    "at the recommended layer: warning; pos_mean: critical), a rise against the previous "
+                    "at the recommended layer: warning; pos_mean: critical; raised to plain replies' mean + 2 / 4 sd where "
+                    "recorded), a rise against the previous "
                     "day, rejected persona requests and missing projections.",
         allow_abbrev=False,
     )

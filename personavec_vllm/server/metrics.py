@@ -48,12 +48,17 @@ DEFAULT_BUCKETS = tuple(
 
 
 def fitted_buckets(vector: PersonaVector, layer: int, count: int = 16) -> tuple[float, ...]:
-    """Evenly spaced over [negative mean - 3 sd, positive mean + 3 sd] of the stored statistics."""
+    """Evenly spaced over mean -+ 3 sd of every stored answer set (positive, negative and, where
+    recorded, plain replies), so ordinary traffic does not pile up in an edge bucket."""
     stats = vector.projection_stats(layer)
     if not stats:
         return DEFAULT_BUCKETS
-    lo = min(stats["neg_mean"] - 3 * stats["neg_std"], stats["pos_mean"] - 3 * stats["pos_std"])
-    hi = max(stats["neg_mean"] + 3 * stats["neg_std"], stats["pos_mean"] + 3 * stats["pos_std"])
+    spreads = [(stats["neg_mean"], stats["neg_std"]), (stats["pos_mean"], stats["pos_std"])]
+    plain = vector.plain_stats(layer)
+    if plain:
+        spreads.append((plain["mean"], plain["std"]))
+    lo = min(mean - 3 * sd for mean, sd in spreads)
+    hi = max(mean + 3 * sd for mean, sd in spreads)
     if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
         return DEFAULT_BUCKETS
     step = (hi - lo) / (count - 1)

@@ -21,9 +21,10 @@ are not in any rate: a counter is exported from its first observation on.
   `neg_mean`: replies now look more like the trait-expressing extraction answers than like the
   others. The same alert at severity `critical` fires above `pos_mean` itself. Where extraction
   also recorded plain replies (no system prompt; `PersonaVector.plain_stats`), the warning
-  threshold is at least `plain_mean + 2 plain_std` and the critical one at least
-  `plain_mean + 4 plain_std`: ordinary traffic of a small model can sit above the midpoint, and
-  an alert that fires on normal replies teaches people to ignore it.
+  threshold is at least `plain_mean + 2 se` and the critical one at least `plain_mean + 4 se`,
+  with `se = plain_std / sqrt(min_samples)` the spread of a window mean over the fewest replies
+  an alert looks at: ordinary traffic of a small model can sit above the midpoint, and an alert
+  that fires on normal replies teaches people to ignore it.
 - `PersonaTraitSuddenRise` (warning): the windowed mean rose, relative to the same hour of the
   previous day (`offset 1d`), by more than `rise_fraction * (pos_mean - neg_mean)`.
 - `PersonaRequestsRejected` (warning): persona fields refused with HTTP 400 above a rate.
@@ -95,13 +96,19 @@ class TraitThresholds:
     neg_mean: float
     plain_mean: float | None = None
     plain_std: float | None = None
+    min_samples: int = 1  # replies a window mean averages at least (RuleSettings.min_samples)
 
     @property
     def midpoint(self) -> float:
         return (self.pos_mean + self.neg_mean) / 2
 
-    def _above_plain(self, sds: float) -> float:
-        return -math.inf if self.plain_mean is None else self.plain_mean + sds * (self.plain_std or 0.0)
+    @property
+    def plain_se(self) -> float:
+        """Standard error of a window mean of plain replies."""
+        return (self.plain_std or 0.0) / math.sqrt(self.min_samples)
+
+    def _above_plain(self, ses: float) -> float:
+        return -math.inf if self.plain_mean is None else self.plain_mean + ses * self.plain_se
 
     @property
     def warning(self) -> float:
@@ -116,7 +123,7 @@ class TraitThresholds:
         return self.pos_mean - self.neg_mean
 
 
-def thresholds(vector: PersonaVector) -> TraitThresholds | None:
+def thresholds(vector: PersonaVector, min_samples: int = RuleSettings.min_samples) -> TraitThresholds | None:
     """None when the vector has no usable statistics at its recommended layer."""
     stats = vector.projection_stats(vector.layer)
     if not stats:
@@ -134,7 +141,7 @@ def thresholds(vector: PersonaVector) -> TraitThresholds | None:
             raise ValueError
     except (KeyError, TypeError, ValueError):
         plain_mean = plain_std = None
-    return TraitThresholds(vector.name, vector.trait, vector.layer, pos, neg, plain_mean, plain_std)
+    return TraitThresholds(vector.name, vector.trait, vector.layer, pos, neg, plain_mean, plain_std, min_samples)
 
 
 def _level_meaning(t: TraitThresholds, severity: str) -> str:
@@ -147,9 +154,10 @@ def _level_meaning(t: TraitThresholds, severity: str) -> str:
     level = t.warning if severity == "warning" else t.critical
     if t.plain_mean is None or level == (t.midpoint if severity == "warning" else t.pos_mean):
         return extraction
-    sds = 2 if severity == "warning" else 4
-    return (f"{_num(level)}: plain replies at extraction (no system prompt) average {_num(t.plain_mean)} with sd "
-            f"{_num(t.plain_std)}, so the threshold is raised from {extraction} to their mean + {sds} sd")
+    ses = 2 if severity == "warning" else 4
+    return (f"{_num(level)}: plain replies at extraction (no system prompt) average {_num(t.plain_mean)} (sd "
+            f"{_num(t.plain_std)}), so the threshold is raised from {extraction} to their mean + {ses} standard "
+            f"errors of a {t.min_samples}-reply mean")
 
 
 def load_library(directory: str | Path) -> list[PersonaVector]:
@@ -238,7 +246,7 @@ def build_rules(vectors: list[PersonaVector], settings: RuleSettings = RuleSetti
     """The rule file as a dict, and the names of the vectors that got no drift/rise alerts."""
     s = settings
     by_name = sorted(vectors, key=lambda v: v.name)
-    found = {v.name: thresholds(v) for v in by_name}
+    found = {v.name: thresholds(v, s.min_samples) for v in by_name}
     skipped = [name for name, t in found.items() if t is None]
     model = _matchers(model=s.model)
     recording = [
@@ -544,8 +552,8 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
         "rules", help="write Prometheus recording and alert rules for a vector library",
         description="Write Prometheus rules: the per-trait drift mean, drift alerts at thresholds derived "
                     "from each vector's stored projection statistics (midpoint of pos_mean and neg_mean "
-                    "at the recommended layer: warning; pos_mean: critical; raised to plain replies' mean + 2 / 4 sd where "
-                    "recorded), a rise against the previous "
+                    "at the recommended layer: warning; pos_mean: critical; raised to plain replies' mean + 2 / 4 "
+                    "standard errors of a --min-samples mean where recorded), a rise against the previous "
                     "day, rejected persona requests and missing projections.",
         allow_abbrev=False,
     )

@@ -121,31 +121,33 @@ def test_thresholds_come_from_the_stored_statistics(library):
 
 def test_plain_replies_raise_thresholds_that_ordinary_traffic_would_cross(tmp_path):
     """Where ordinary replies (no system prompt) sit above the midpoint, warning and critical
-    move to plain mean + 2 / 4 sd, and the description says why; below it nothing changes."""
+    move to plain mean + 2 / 4 standard errors of a `min_samples` mean, and the description says
+    why; below it nothing changes."""
     import dataclasses
 
     from engine_fixtures import make_vectors
 
     make_vectors(tmp_path, num_layers=4, hidden=16)
-    for name, plain in (("a", {"mean": 0.5, "std": 0.25}), ("b", {"mean": 5.0, "std": 1.0})):
+    for name, plain in (("a", {"mean": 0.5, "std": 0.5}), ("b", {"mean": 5.0, "std": 2.0})):
         vector = load_vector(tmp_path / f"{name}.safetensors")
         stats = {"projection": {"2": {"pos_mean": 1.0, "pos_std": 0.3, "neg_mean": -1.0, "neg_std": 0.3}},
                  "plain": {"2": plain}}
         save_vector(dataclasses.replace(vector, extra={**vector.extra, "stats": json.dumps(stats)}),
                     tmp_path / f"{name}.safetensors")
-    doc, _ = build_rules(load_library(tmp_path))
+    settings = RuleSettings(min_samples=4)  # standard error = sd / 2
+    doc, _ = build_rules(load_library(tmp_path), settings)
     drift = {(r["labels"]["trait"], r["labels"]["severity"]): r for r in _alerts(doc) if r["alert"] == "PersonaTraitDrift"}
     # a: plain 0.5 + 2 * 0.25 = 1.0 > midpoint 0; critical: 0.5 + 4 * 0.25 = 1.5 > pos_mean 1
     assert '{vector="a", kind="response_mean", layer="2"} > 1.0\n' in drift[("a", "warning")]["expr"]
     assert '{vector="a", kind="response_mean", layer="2"} > 1.5\n' in drift[("a", "critical")]["expr"]
     assert "plain replies" in drift[("a", "warning")]["annotations"]["description"]
-    # b: plain 5 + 2 = 7 and 5 + 4 = 9
+    # b: plain 5 + 2 * 1 = 7 and 5 + 4 * 1 = 9
     assert '> 7.0\n' in drift[("b", "warning")]["expr"] and '> 9.0\n' in drift[("b", "critical")]["expr"]
     thresholds = {(r["labels"]["vector"], r["labels"]["severity"]): r["expr"]
                   for g in doc["groups"] for r in g["rules"] if r.get("record") == "personavec:drift_threshold"}
     assert thresholds[("b", "warning")] == "vector(7.0)"  # the dashboard draws the raised line
     write_stats(tmp_path / "a.safetensors", {2: (1.0, -1.0)})  # no plain statistics: the midpoint
-    doc, _ = build_rules(load_library(tmp_path))
+    doc, _ = build_rules(load_library(tmp_path), settings)
     drift = {(r["labels"]["trait"], r["labels"]["severity"]): r for r in _alerts(doc) if r["alert"] == "PersonaTraitDrift"}
     assert '{vector="a", kind="response_mean", layer="2"} > 0.0\n' in drift[("a", "warning")]["expr"]
     assert "plain replies" not in drift[("a", "warning")]["annotations"]["description"]

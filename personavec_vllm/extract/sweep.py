@@ -244,14 +244,17 @@ def plot(rows: list[SweepRow], trait: str, path: Path, recommended: int | None =
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for layer in sorted({r.layer for r in rows}):
+    colors = plt.get_cmap("tab10" if len({r.layer for r in rows}) <= 10 else "tab20")
+    for i, layer in enumerate(sorted({r.layer for r in rows})):
         at = sorted((r for r in rows if r.layer == layer), key=lambda r: r.coeff)
-        line, = ax.plot([r.coeff for r in at], [r.mc_trait_probability for r in at], marker="o",
-                        lw=2.5 if layer == recommended else 1.2,
-                        label=f"layer {layer}" + (" (recommended)" if layer == recommended else ""))
+        color = colors(i % colors.N)
+        ax.plot([r.coeff for r in at], [r.mc_trait_probability for r in at], marker="o", color=color,
+                lw=2.5 if layer == recommended else 1.2,
+                label=f"layer {layer}" + (" (recommended)" if layer == recommended else ""))
         broken = [r for r in at if r.fluent is False]  # hollow markers: replies no longer fluent
-        ax.plot([r.coeff for r in broken], [r.mc_trait_probability for r in broken], "o", ms=9,
-                mfc="white", mec=line.get_color(), ls="none")
+        if broken:
+            ax.plot([r.coeff for r in broken], [r.mc_trait_probability for r in broken], "o", ms=9,
+                    mfc="white", mec=color, ls="none")
     ax.set_xlabel("steering coefficient")
     ax.set_ylabel("P(trait answer), multiple choice")
     ax.set_title(f"{trait}: steering effect by layer (hollow: not fluent)")

@@ -14,6 +14,8 @@ replay alike. Outside graph capture, layers with nothing to do return at once.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from personavec_vllm.steering.tables import SteeringTables
@@ -24,8 +26,15 @@ TABLES: SteeringTables | None = None
 _LIB = torch.library.Library("personavec", "DEF")
 
 
+@functools.cache
+def _has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
 def _capturing_graph() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    # is_available() is not free (a py-spy profile of a CPU worker found it at half of this op's
+    # time), and it never changes in a running process.
+    return _has_cuda() and torch.cuda.is_current_stream_capturing()
 
 
 def steer_and_capture(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> None:

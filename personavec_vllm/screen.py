@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from personavec_vllm.extract.pipeline import chat_prompt, hidden_means
-from personavec_vllm.vectors import PersonaVector, VectorFileError, load_vector
+from personavec_vllm.vectors import PersonaVector, VectorFileError, load_vector, unit_rows
 
 logger = logging.getLogger(__name__)
 
@@ -303,12 +303,6 @@ def _vector_fingerprint(vector: PersonaVector) -> str:
 
 # ---------------------------------------------------------------------------------------
 # arithmetic
-
-
-def unit_rows(vectors: torch.Tensor) -> torch.Tensor:
-    """`[L+1, H]` -> each row divided by its norm (zero rows stay zero)."""
-    vectors = vectors.float()
-    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def projection(h: torch.Tensor, vector: torch.Tensor, layer: int) -> torch.Tensor:

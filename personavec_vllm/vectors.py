@@ -97,6 +97,12 @@ class PersonaVector:
             )
 
 
+def unit_rows(vectors: torch.Tensor) -> torch.Tensor:
+    """`[L+1, H]` -> each row divided by its norm (zero rows stay zero)."""
+    vectors = vectors.float()
+    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
 def save_vector(vector: PersonaVector, path: str | os.PathLike) -> Path:
     """Write atomically (temp file + rename), so a reader never sees half a file."""
     path = Path(path)

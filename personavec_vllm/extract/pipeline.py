@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from personavec_vllm.extract.traits import TraitDefinition
-from personavec_vllm.vectors import PersonaVector, save_vector
+from personavec_vllm.vectors import PersonaVector, save_vector, unit_rows
 
 logger = logging.getLogger(__name__)
 
@@ -160,11 +160,14 @@ def diff_mean(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
     return (positive.float().mean(dim=0) - negative.float().mean(dim=0)).to(torch.float32)
 
 
+def layer_projections(states: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """`[N, L+1, H]` states, `[L+1, H]` vector -> `[N, L+1]` projections `h . v / |v|` per layer."""
+    return torch.einsum("nlh,lh->nl", states.float(), unit_rows(vector))
+
+
 def projection_stats(vector: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> dict[str, dict[str, float]]:
     """Per layer: mean and sd of `h . v / |v|` over positive and negative answers."""
-    unit = vector / vector.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    pos = torch.einsum("nlh,lh->nl", positive.float(), unit)
-    neg = torch.einsum("nlh,lh->nl", negative.float(), unit)
+    pos, neg = layer_projections(positive, vector), layer_projections(negative, vector)
     return {
         str(layer): {
             "pos_mean": float(pos[:, layer].mean()), "pos_std": float(pos[:, layer].std(unbiased=False)),
@@ -176,8 +179,7 @@ def projection_stats(vector: torch.Tensor, positive: torch.Tensor, negative: tor
 
 def plain_stats(vector: torch.Tensor, plain: torch.Tensor) -> dict[str, dict[str, float]]:
     """Per layer: mean and sd of `h . v / |v|` over plain replies (no system prompt)."""
-    unit = vector / vector.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    proj = torch.einsum("nlh,lh->nl", plain.float(), unit)
+    proj = layer_projections(plain, vector)
     return {str(layer): {"mean": float(proj[:, layer].mean()), "std": float(proj[:, layer].std(unbiased=False))}
             for layer in range(1, vector.shape[0])}
 
@@ -284,27 +286,21 @@ def extract_traits(traits: list[TraitDefinition], model_path: str, out_dir: str 
         llm = LLM(model=str(model_path), dtype="float32", seed=settings.seed, max_model_len=2048,
                   gpu_memory_utilization=0.3, enforce_eager=eager)
     for trait in traits:
-        if trait.name in answers:
-            if trait.name not in plain:  # answers saved before plain replies were recorded
-                t0 = time.monotonic()
-                plain[trait.name] = generate_plain_answers(
-                    llm, trait.evaluation_questions[: settings.heldout_questions],
-                    max_tokens=settings.max_tokens, temperature=settings.temperature)
-                timings[trait.name]["generate_s"] = time.monotonic() - t0
-                _write_jsonl(reports_dir / f"{trait.name}.plain.jsonl", [asdict(a) for a in plain[trait.name]])
+        if trait.name in answers and trait.name in plain:
             continue
         t0 = time.monotonic()
-        answers[trait.name] = generate_answers(llm, trait, trait.extraction_questions, samples=settings.samples,
-                                               max_tokens=settings.max_tokens, temperature=settings.temperature)
-        heldout[trait.name] = []
-        if settings.heldout_questions:
-            heldout[trait.name] = generate_answers(llm, trait, trait.evaluation_questions[: settings.heldout_questions],
-                                                   samples=1, max_tokens=settings.max_tokens,
-                                                   temperature=settings.temperature)
+        evaluation = trait.evaluation_questions[: settings.heldout_questions]
+        if trait.name not in answers:
+            answers[trait.name] = generate_answers(llm, trait, trait.extraction_questions, samples=settings.samples,
+                                                   max_tokens=settings.max_tokens, temperature=settings.temperature)
+            heldout[trait.name] = []
+            if evaluation:
+                heldout[trait.name] = generate_answers(llm, trait, evaluation, samples=1, max_tokens=settings.max_tokens,
+                                                       temperature=settings.temperature)
+        # also when the answers were saved before plain replies were recorded
         plain[trait.name] = []
-        if settings.heldout_questions:
-            plain[trait.name] = generate_plain_answers(llm, trait.evaluation_questions[: settings.heldout_questions],
-                                                       max_tokens=settings.max_tokens,
+        if evaluation:
+            plain[trait.name] = generate_plain_answers(llm, evaluation, max_tokens=settings.max_tokens,
                                                        temperature=settings.temperature)
         timings[trait.name] = {"generate_s": time.monotonic() - t0}
         _save_answers(reports_dir, trait.name, settings, answers[trait.name], heldout[trait.name], plain[trait.name])
@@ -384,8 +380,7 @@ def extract_traits(traits: list[TraitDefinition], model_path: str, out_dir: str 
             held = sample_pairs(pair_up(heldout[trait.name]), settings.max_heldout_pairs, settings.seed)
             hm = hidden_means(model, tokenizer, [(a.system, a.question, a.text) for p in held for a in p],
                               f" ({trait.name}, held out)")["response"]
-            unit = main.vectors / main.vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            proj = torch.einsum("nlh,lh->nl", hm, unit)
+            proj = layer_projections(hm, main.vectors)
             report["heldout_pairs"] = len(held)
             report["heldout_auc"] = {str(l): round(roc_auc(proj[0::2, l].numpy(), proj[1::2, l].numpy()), 4)
                                      for l in range(1, num_layers + 1)}

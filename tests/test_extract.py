@@ -11,6 +11,8 @@ import torch
 from personavec_vllm.extract.judge import weighted_score
 from personavec_vllm.extract.pipeline import (
     Answer,
+    ExtractionSettings,
+    _answers_key,
     chat_prompt,
     diff_mean,
     keep_pair,
@@ -33,6 +35,17 @@ def test_diff_mean_by_hand():
     assert stats["pos_mean"] == pytest.approx(float((torch.tensor([2.0, 4.0]) @ unit)))
     assert stats["neg_mean"] == pytest.approx(float(torch.tensor([1.0, 1.0]) @ unit))
     assert stats["pos_std"] == pytest.approx(abs(float(torch.tensor([1.0, 1.0]) @ unit)))
+
+
+def test_instruction_placement():
+    """System placement is the method's; user placement puts the instruction after the question;
+    plain replies get neither. Cached answers are keyed by the placement."""
+    assert Answer("Q?", 0, True, "Be evil.", "").conversation() == ("Be evil.", "Q?")
+    assert Answer("Q?", 0, True, "Be evil.", "", placement="user").conversation() == (None, "Q?\n\nBe evil.")
+    assert Answer("Q?", -1, False, "", "", placement="user").conversation() == (None, "Q?")
+    assert _answers_key(ExtractionSettings()) != _answers_key(ExtractionSettings(placement="user"))
+    with pytest.raises(ValueError, match="placement"):
+        ExtractionSettings(placement="assistant")
 
 
 def test_roc_auc():
@@ -155,6 +168,7 @@ def test_pipeline_end_to_end_on_tiny_model(tmp_path, tiny_llama):
     v = load_vector(out / "evil.safetensors")
     assert v.vectors.shape == (5, 128) and v.method == "response_avg_diff" and v.model == "tiny"
     assert v.layer == report["recommended_layer"] in (1, 3)
+    assert v.extra["instruction_placement"] == "system"
     assert v.extra["judge"].startswith("none") and v.extra["pairs_kept"] == str(len(full.instruction_pairs) * 3)
     assert set(v.projection_stats(v.layer)) == {"pos_mean", "pos_std", "neg_mean", "neg_std"}
     assert set(v.plain_stats(v.layer)) == {"mean", "std"}  # plain replies: the alerting baseline

@@ -50,6 +50,9 @@ def add_extract_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--instruction-placement", choices=["system", "user"], default="system",
+                   help="where the trait instructions go: the system prompt (the method's choice) or a sentence "
+                   "after the question (for small models that barely follow system prompts)")
     p.add_argument("--heldout-questions", type=int, default=10, help="evaluation questions for the held-out AUC (0: skip)")
     p.add_argument("--max-pairs", type=int, default=None, help="use a seeded sample of at most N answer pairs")
     p.add_argument("--max-heldout-pairs", type=int, default=None, help="likewise for the held-out AUC")
@@ -75,7 +78,8 @@ def cmd_extract(args: argparse.Namespace, extra: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="[personavec] %(message)s")
     model = resolve_model(args.model)
     settings = ExtractionSettings(samples=args.samples, max_tokens=args.max_tokens, temperature=args.temperature,
-                                  seed=args.seed, heldout_questions=args.heldout_questions, sweep_layers=args.layers,
+                                  seed=args.seed, placement=args.instruction_placement,
+                                  heldout_questions=args.heldout_questions, sweep_layers=args.layers,
                                   max_pairs=args.max_pairs, max_heldout_pairs=args.max_heldout_pairs)
     if args.coeffs:
         settings.sweep_coeffs = tuple(args.coeffs)

@@ -30,16 +30,31 @@ logger = logging.getLogger(__name__)
 METHODS = {"response": "response_avg_diff", "prompt": "prompt_avg_diff", "prompt_last": "prompt_last_diff"}
 
 
+# Where a trait's instruction goes. The method puts it in the system prompt; small models that
+# barely read their system prompt (SmolLM2-135M: the trait-eliciting prompts hardly change its
+# answers) follow it far better as a sentence after the question in the user turn.
+PLACEMENTS = ("system", "user")
+
+
 @dataclass
 class Answer:
     question: str
-    pair: int  # index of the instruction pair
+    pair: int  # index of the instruction pair (-1: a plain reply, no instruction)
     positive: bool
-    system: str
+    instruction: str
     text: str
     sample: int = 0
     trait_score: float | None = None
     coherence: float | None = None
+    placement: str = "system"
+
+    def conversation(self) -> tuple[str | None, str]:
+        """(system prompt or None, user message) that the model answered."""
+        if not self.instruction:
+            return None, self.question
+        if self.placement == "user":
+            return None, f"{self.question}\n\n{self.instruction}"
+        return self.instruction, self.question
 
 
 def chat_prompt(tokenizer, system: str | None, question: str, answer: str | None = None) -> tuple[list[int], int]:
@@ -54,20 +69,21 @@ def chat_prompt(tokenizer, system: str | None, question: str, answer: str | None
 
 
 def generate_answers(llm, trait: TraitDefinition, questions: list[str], *, samples: int, max_tokens: int,
-                     temperature: float) -> list[Answer]:
-    """All (pair, polarity, question, sample) answers in one batched generate call (exactly
-    reproducible only with temperature 0 on vLLM-CPU, see below)."""
+                     temperature: float, placement: str = "system") -> list[Answer]:
+    """All (pair, polarity, question, sample) answers in one batched generate call, the
+    instruction placed as `placement` says (exactly reproducible only with temperature 0 on
+    vLLM-CPU, see below)."""
     from vllm import SamplingParams
 
     tokenizer = llm.get_tokenizer()
     jobs, prompts, params = [], [], []
     for p, pair in enumerate(trait.instruction_pairs):
-        for positive, system in ((True, pair.positive), (False, pair.negative)):
+        for positive, instruction in ((True, pair.positive), (False, pair.negative)):
             for q in questions:
                 for s in range(samples):
-                    ids, _ = chat_prompt(tokenizer, system, q)
-                    jobs.append(Answer(q, p, positive, system, "", s))
-                    prompts.append({"prompt_token_ids": ids})
+                    job = Answer(q, p, positive, instruction, "", s, placement=placement)
+                    jobs.append(job)
+                    prompts.append({"prompt_token_ids": chat_prompt(tokenizer, *job.conversation())[0]})
                     # No per-request seed: vLLM 0.32's CPU sampler crashes the engine on one
                     # ("CPU Generator does not use offset"). With only the engine's global seed,
                     # sampled answers (temperature > 0) differ from run to run; greedy ones don't.
@@ -209,11 +225,16 @@ class ExtractionSettings:
     max_tokens: int = 96
     temperature: float = 0.7
     seed: int = 0
+    placement: str = "system"  # where the trait instruction goes: "system" prompt or after the "user" question
     heldout_questions: int = 10  # evaluation questions answered for the held-out AUC (0: skip)
     sweep_layers: list[int] | None = None  # None: every 2nd layer from 2 to num_layers - 2
     sweep_coeffs: tuple[float, ...] = (-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0)
     max_pairs: int | None = None  # use a seeded sample of at most this many answer pairs (None: all)
     max_heldout_pairs: int | None = None
+
+    def __post_init__(self):
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, not {self.placement!r}")
 
 
 def sample_pairs(pairs: list, limit: int | None, seed: int) -> list:
@@ -228,7 +249,8 @@ def sample_pairs(pairs: list, limit: int | None, seed: int) -> list:
 
 
 def _answers_key(settings: ExtractionSettings) -> dict:
-    return {k: getattr(settings, k) for k in ("samples", "max_tokens", "temperature", "seed", "heldout_questions")}
+    return {k: getattr(settings, k) for k in ("samples", "max_tokens", "temperature", "seed", "heldout_questions",
+                                              "placement")}
 
 
 def _save_answers(reports_dir: Path, trait: str, settings: ExtractionSettings, answers, heldout, plain) -> None:
@@ -292,11 +314,12 @@ def extract_traits(traits: list[TraitDefinition], model_path: str, out_dir: str 
         evaluation = trait.evaluation_questions[: settings.heldout_questions]
         if trait.name not in answers:
             answers[trait.name] = generate_answers(llm, trait, trait.extraction_questions, samples=settings.samples,
-                                                   max_tokens=settings.max_tokens, temperature=settings.temperature)
+                                                   max_tokens=settings.max_tokens, temperature=settings.temperature,
+                                                   placement=settings.placement)
             heldout[trait.name] = []
             if evaluation:
                 heldout[trait.name] = generate_answers(llm, trait, evaluation, samples=1, max_tokens=settings.max_tokens,
-                                                       temperature=settings.temperature)
+                                                       temperature=settings.temperature, placement=settings.placement)
         # also when the answers were saved before plain replies were recorded
         plain[trait.name] = []
         if evaluation:
@@ -323,16 +346,17 @@ def extract_traits(traits: list[TraitDefinition], model_path: str, out_dir: str 
                 raise RuntimeError(f"the judge kept no answer pairs for {trait.name!r}; check the trait prompts")
         else:
             kept = pairs
-        means = hidden_means(model, tokenizer, [(a.system, a.question, a.text) for pair in kept for a in pair],
+        means = hidden_means(model, tokenizer, [(*a.conversation(), a.text) for pair in kept for a in pair],
                              f" ({trait.name})")
         plain_means = None
         if plain.get(trait.name):
-            plain_means = hidden_means(model, tokenizer, [(None, a.question, a.text) for a in plain[trait.name]],
+            plain_means = hidden_means(model, tokenizer, [(*a.conversation(), a.text) for a in plain[trait.name]],
                                        f" ({trait.name}, plain replies)")
         meta = {
             "judge": judge.describe() if judge is not None else "none (all pairs kept)",
             "pairs_total": str(len(pairs)), "pairs_kept": str(len(kept)),
             "samples_per_question": str(settings.samples), "seed": str(settings.seed),
+            "instruction_placement": settings.placement,
             "extraction_questions": str(len(trait.extraction_questions)),
         }
         vectors = {}
@@ -378,7 +402,7 @@ def extract_traits(traits: list[TraitDefinition], model_path: str, out_dir: str 
         }
         if heldout.get(trait.name):
             held = sample_pairs(pair_up(heldout[trait.name]), settings.max_heldout_pairs, settings.seed)
-            hm = hidden_means(model, tokenizer, [(a.system, a.question, a.text) for p in held for a in p],
+            hm = hidden_means(model, tokenizer, [(*a.conversation(), a.text) for p in held for a in p],
                               f" ({trait.name}, held out)")["response"]
             proj = layer_projections(hm, main.vectors)
             report["heldout_pairs"] = len(held)

@@ -46,8 +46,18 @@ def persona_params(params, steer: list[dict[str, Any]] | None = None, monitor: A
 
 
 def projections(output, timeout: float = 120.0, request_key: str | None = None) -> dict[str, dict[int, LayerProjection]]:
-    """Projections of a finished `RequestOutput` (`{}` if it monitored nothing)."""
+    """Projections of a finished `RequestOutput` (`{}` if it monitored nothing). Raises
+    `PersonaRequestFailed` if the worker could not serve the request (it then ran unsteered)."""
     from personavec_vllm.steering.frontend import projection_sink
 
     num_generated = max(len(c.token_ids) for c in output.outputs)
     return projection_sink().collect(request_key or output.request_id, num_generated, timeout)
+
+
+def persona_failure(output, timeout: float = 30.0, request_key: str | None = None) -> str | None:
+    """Why the worker could not steer or monitor a finished `RequestOutput` (it then ran as a
+    plain request), or None if it was served as asked. Over HTTP such a request is aborted and
+    answered with an error; offline, check with this (or `projections`, which raises)."""
+    from personavec_vllm.steering.frontend import projection_sink
+
+    return projection_sink().failure(request_key or output.request_id, timeout)

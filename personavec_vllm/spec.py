@@ -8,16 +8,18 @@ defaults against the vector library; the result (`PersonaSpec.to_dict`) is what 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from personavec_vllm import EXTRA_ARGS_KEY
-from personavec_vllm.vectors import VectorLibrary
+from personavec_vllm.vectors import PersonaVector, VectorLibrary
 
 Positions = Literal["all", "prompt", "response"]
 POSITIONS: tuple[str, ...] = ("all", "prompt", "response")
@@ -31,6 +33,7 @@ REJECT_REASONS = (
     "too_many_vectors",
     "bad_type",
     "unsupported",
+    "internal_field",
 )
 
 
@@ -83,8 +86,11 @@ class PersonaSpec:
     monitor: tuple[MonitorTerm, ...] = ()
     per_token: bool = False
     request_key: str = ""
-    # (vector, file version) of every vector used: workers re-read a library file that changed.
-    versions: tuple[tuple[str, int], ...] = ()
+    # (vector, content version) of every vector used: the request is served exactly these
+    # versions, even if the library changes while it runs.
+    versions: tuple[tuple[str, str], ...] = ()
+    # The vectors themselves, as resolved in this process (not sent to the worker).
+    vectors: Mapping[str, PersonaVector] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def is_empty(self) -> bool:
@@ -106,27 +112,45 @@ class PersonaSpec:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PersonaSpec":
-        """Read the resolved form written by `to_dict` (trusted: validated in the front end)."""
-        steer = tuple(
-            SteerTerm(t["vector"], float(t["coeff"]), tuple(t["layers"]), t["positions"])
-            for t in data.get("persona_steer", ())
-        )
-        monitor_data = data.get("persona_monitor") or {}
-        monitor = tuple(
-            MonitorTerm(name, tuple(layers)) for name, layers in monitor_data.get("vectors", {}).items()
-        )
-        return cls(steer, monitor, bool(monitor_data.get("per_token", False)), data.get("request_key", ""),
-                   tuple(data.get("vector_versions", {}).items()))
+    def from_dict(cls, data: Any) -> "PersonaSpec":
+        """Read the resolved form written by `to_dict` (in the worker). The front end wrote it,
+        but it is still checked for shape: a malformed one raises `PersonaSpecError`, which fails
+        that request only."""
+        try:
+            steer = tuple(
+                SteerTerm(str(t["vector"]), float(t["coeff"]), tuple(int(x) for x in t["layers"]), t["positions"])
+                for t in data.get("persona_steer", ())
+            )
+            monitor_data = data.get("persona_monitor") or {}
+            monitor = tuple(
+                MonitorTerm(str(name), tuple(int(x) for x in layers))
+                for name, layers in monitor_data.get("vectors", {}).items()
+            )
+            versions = tuple((str(k), str(v)) for k, v in data.get("vector_versions", {}).items())
+            spec = cls(steer, monitor, bool(monitor_data.get("per_token", False)), str(data.get("request_key", "")),
+                       versions)
+        except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise PersonaSpecError("personavec", "internal_field", f"malformed resolved spec ({exc!r})") from None
+        if any(t.positions not in POSITIONS or not math.isfinite(t.coeff) for t in steer):
+            raise PersonaSpecError("personavec", "internal_field", "malformed resolved spec")
+        return spec
 
     def cache_salt(self) -> str | None:
         """Steered requests write different KV values, so they must not share prefix-cache blocks
-        with requests steered differently (or not at all). Same steering, same salt: identical
-        steered requests still share their prefix cache. Monitoring alone changes nothing."""
+        with requests steered differently (or not at all), nor with requests steered the same way
+        by an earlier version of a vector. Same steering and versions, same salt: identical steered
+        requests still share their prefix cache. Monitoring alone changes nothing."""
         if not self.steer:
             return None
-        canonical = json.dumps(self.to_dict()["persona_steer"], sort_keys=True)
+        versions = dict(self.versions)
+        canonical = json.dumps(
+            {"steer": self.to_dict()["persona_steer"], "versions": {t.vector: versions.get(t.vector) for t in self.steer}},
+            sort_keys=True,
+        )
         return "personavec:" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+    def with_key(self, request_key: str) -> "PersonaSpec":
+        return dataclasses.replace(self, request_key=request_key)
 
 
 def _is_int(value: Any) -> bool:
@@ -139,12 +163,12 @@ def _parse_layers(value: Any, field: str, num_layers: int) -> tuple[int, ...]:
     layers = []
     for i, layer in enumerate(value):
         if not _is_int(layer):
-            raise PersonaSpecError(f"{field}[{i}]", "bad_type", f"must be an integer, got {layer!r}")
+            raise PersonaSpecError(f"{field}[{i}]", "bad_type", f"must be an integer, got {_short(layer)}")
         if not 1 <= layer <= num_layers:
             raise PersonaSpecError(
                 f"{field}[{i}]",
                 "layer_out_of_range",
-                f"layer {layer} is out of range: this model has layers 1..{num_layers} "
+                f"layer {_short(layer)} is out of range: this model has layers 1..{num_layers} "
                 f"(layer L = residual stream after decoder layer L-1)",
             )
         layers.append(layer)
@@ -153,21 +177,38 @@ def _parse_layers(value: Any, field: str, num_layers: int) -> tuple[int, ...]:
     return tuple(layers)
 
 
-def _lookup(library: VectorLibrary, name: Any, field: str):
+def _short(value: Any, limit: int = 60) -> str:
+    """`repr(value)`, cut short: error messages never echo a huge client value."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**50 else "a very large integer"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _key(name: Any) -> str:
+    """A client-chosen field name, safe to put in an error (bounded length)."""
+    text = str(name)
+    return text if len(text) <= 64 else text[:61] + "..."
+
+
+def _lookup(library: VectorLibrary, name: Any, field: str, resolved: dict[str, PersonaVector]) -> PersonaVector:
+    """The vector `name` names; the first lookup of a name pins its version for the request."""
     if not isinstance(name, str):
-        raise PersonaSpecError(field, "bad_type", f"must be a vector name (string), got {name!r}")
-    vector = library.get(name)
+        raise PersonaSpecError(field, "bad_type", f"must be a vector name (string), got {_short(name)}")
+    vector = resolved.get(name) or library.get(name)
     if vector is None:
         known = ", ".join(library.names()) or "none loaded"
-        raise PersonaSpecError(field, "unknown_vector", f"unknown vector {name!r} (available: {known})")
+        raise PersonaSpecError(field, "unknown_vector", f"unknown vector {_short(name)} (available: {known})")
+    resolved.setdefault(name, vector)
     return vector
 
 
-def _parse_steer(raw: Any, library: VectorLibrary, limits: Limits) -> tuple[SteerTerm, ...]:
+def _parse_steer(
+    raw: Any, library: VectorLibrary, limits: Limits, resolved: dict[str, PersonaVector]
+) -> tuple[SteerTerm, ...]:
     field = "persona_steer"
     if raw is None:
         return ()
-    if isinstance(raw, dict):
+    single = isinstance(raw, dict)  # one term may be given without the list
+    if single:
         raw = [raw]
     if not isinstance(raw, list):
         raise PersonaSpecError(field, "bad_type", "must be a list of {vector, coeff, layers, positions}")
@@ -177,16 +218,20 @@ def _parse_steer(raw: Any, library: VectorLibrary, limits: Limits) -> tuple[Stee
         )
     terms = []
     for i, item in enumerate(raw):
-        f = f"{field}[{i}]"
+        f = field if single else f"{field}[{i}]"
         if not isinstance(item, dict):
             raise PersonaSpecError(f, "bad_type", "must be an object {vector, coeff, layers, positions}")
         unknown = set(item) - {"vector", "coeff", "layers", "positions"}
         if unknown:
-            raise PersonaSpecError(f"{f}.{sorted(unknown)[0]}", "bad_type", "unknown field")
-        vector = _lookup(library, item.get("vector"), f"{f}.vector")
+            raise PersonaSpecError(f"{f}.{_key(sorted(map(str, unknown))[0])}", "bad_type", "unknown field")
+        vector = _lookup(library, item.get("vector"), f"{f}.vector", resolved)
         coeff = item.get("coeff")
         if isinstance(coeff, bool) or not isinstance(coeff, (int, float)):
-            raise PersonaSpecError(f"{f}.coeff", "bad_type", f"must be a number, got {coeff!r}")
+            raise PersonaSpecError(f"{f}.coeff", "bad_type", f"must be a number, got {_short(coeff)}")
+        try:
+            coeff = float(coeff)
+        except OverflowError:  # an integer too large for a float
+            raise PersonaSpecError(f"{f}.coeff", "bad_coeff", "is too large") from None
         if not math.isfinite(coeff):
             raise PersonaSpecError(f"{f}.coeff", "bad_coeff", "must be finite")
         if abs(coeff) > limits.max_abs_coeff:
@@ -198,15 +243,17 @@ def _parse_steer(raw: Any, library: VectorLibrary, limits: Limits) -> tuple[Stee
         positions = item.get("positions", "response")
         if positions not in POSITIONS:
             raise PersonaSpecError(
-                f"{f}.positions", "bad_positions", f"must be one of {', '.join(POSITIONS)}; got {positions!r}"
+                f"{f}.positions", "bad_positions", f"must be one of {', '.join(POSITIONS)}; got {_short(positions)}"
             )
-        terms.append(SteerTerm(vector.name, float(coeff), layers, positions))
+        terms.append(SteerTerm(vector.name, coeff, layers, positions))
     return tuple(terms)
 
 
-def _parse_monitor(raw: Any, library: VectorLibrary, limits: Limits) -> tuple[tuple[MonitorTerm, ...], bool]:
+def _parse_monitor(
+    raw: Any, library: VectorLibrary, limits: Limits, resolved: dict[str, PersonaVector]
+) -> tuple[tuple[MonitorTerm, ...], bool]:
     field = "persona_monitor"
-    if raw is None or raw is False:
+    if raw is None or raw is False:  # identity: 0 and [] are not "off", they are errors
         return (), False
     if raw is True:
         raw = {}
@@ -214,7 +261,7 @@ def _parse_monitor(raw: Any, library: VectorLibrary, limits: Limits) -> tuple[tu
         raise PersonaSpecError(field, "bad_type", "must be true or an object {vectors, layers, per_token}")
     unknown = set(raw) - {"vectors", "layers", "per_token"}
     if unknown:
-        raise PersonaSpecError(f"{field}.{sorted(unknown)[0]}", "bad_type", "unknown field")
+        raise PersonaSpecError(f"{field}.{_key(sorted(map(str, unknown))[0])}", "bad_type", "unknown field")
     names = raw.get("vectors")
     if names is None:
         names = library.names()
@@ -233,10 +280,10 @@ def _parse_monitor(raw: Any, library: VectorLibrary, limits: Limits) -> tuple[tu
         layers = _parse_layers(layers, f"{field}.layers", library.num_layers)
     per_token = raw.get("per_token", False)
     if not isinstance(per_token, bool):
-        raise PersonaSpecError(f"{field}.per_token", "bad_type", f"must be true or false, got {per_token!r}")
+        raise PersonaSpecError(f"{field}.per_token", "bad_type", f"must be true or false, got {_short(per_token)}")
     terms = []
     for i, name in enumerate(names):
-        vector = _lookup(library, name, f"{field}.vectors[{i}]")
+        vector = _lookup(library, name, f"{field}.vectors[{i}]", resolved)
         terms.append(MonitorTerm(vector.name, layers or (vector.layer,)))
     return tuple(terms), per_token
 
@@ -247,11 +294,11 @@ def parse_spec(
 ) -> PersonaSpec:
     """Validate user input and resolve defaults. Raises `PersonaSpecError` naming the field."""
     limits = limits or Limits()
-    steer = _parse_steer(persona_steer, library, limits)
-    monitor, per_token = _parse_monitor(persona_monitor, library, limits)
-    used = dict.fromkeys([t.vector for t in steer] + [t.vector for t in monitor])
-    versions = tuple((name, library.version(name)) for name in used)
-    return PersonaSpec(steer, monitor, per_token, request_key or uuid.uuid4().hex, versions)
+    resolved: dict[str, PersonaVector] = {}
+    steer = _parse_steer(persona_steer, library, limits, resolved)
+    monitor, per_token = _parse_monitor(persona_monitor, library, limits, resolved)
+    versions = tuple((name, vector.version) for name, vector in resolved.items())
+    return PersonaSpec(steer, monitor, per_token, request_key or uuid.uuid4().hex, versions, resolved)
 
 
 def parse_extra_args(
@@ -271,7 +318,7 @@ def parse_extra_args(
         raise PersonaSpecError(EXTRA_ARGS_KEY, "bad_type", "must be an object {persona_steer, persona_monitor}")
     unknown = set(raw) - {"persona_steer", "persona_monitor", "request_key"}
     if unknown:
-        raise PersonaSpecError(sorted(unknown)[0], "bad_type", "unknown persona field")
+        raise PersonaSpecError(_key(sorted(map(str, unknown))[0]), "bad_type", "unknown persona field")
     key = raw.get("request_key")
     if key is not None and not isinstance(key, str):
         raise PersonaSpecError("request_key", "bad_type", "must be a string")

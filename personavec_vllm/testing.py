@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from personavec_vllm.models import atomic_build, default_model_path
@@ -175,6 +176,34 @@ def _tail(path: Path, n: int = 12000) -> str:
         return "<no log>"
 
 
+@dataclass
+class ServerProcess:
+    """A running `personavec serve`: its base URL and its process (the leader of its group)."""
+
+    url: str
+    proc: subprocess.Popen
+
+    def group_pids(self) -> list[int]:
+        """Every live process of the server's process group (API server, engine core, workers)."""
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError):
+                    if os.getpgid(int(entry)) == self.proc.pid:
+                        pids.append(int(entry))
+        return pids
+
+    def find(self, title: str) -> list[int]:
+        """Pids of the group whose command line (vLLM sets process titles) contains `title`."""
+        found = []
+        for pid in self.group_pids():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if title.encode() in f.read():
+                        found.append(pid)
+        return found
+
+
 @contextlib.contextmanager
 def run_server(
     args: Sequence[str],
@@ -185,7 +214,21 @@ def run_server(
     startup_timeout: float = 180.0,
 ) -> Iterator[str]:
     """Run `personavec serve <args> --host 127.0.0.1 --port <port>` in its own process
-    group; yield the base URL once `/health` answers 200; stop the whole group after.
+    group; yield the base URL once `/health` answers 200; stop the whole group after."""
+    with server_process(args, port=port, log_path=log_path, env=env, startup_timeout=startup_timeout) as server:
+        yield server.url
+
+
+@contextlib.contextmanager
+def server_process(
+    args: Sequence[str],
+    *,
+    port: int,
+    log_path: str | os.PathLike,
+    env: dict[str, str] | None = None,
+    startup_timeout: float = 180.0,
+) -> Iterator[ServerProcess]:
+    """`run_server`, yielding the `ServerProcess`.
 
     Raises `RuntimeError` with the end of the server log if the server exits or does not
     become healthy within `startup_timeout` seconds.
@@ -218,7 +261,7 @@ def run_server(
                     f"log ({log_path}):\n{_tail(log_path)}"
                 )
             time.sleep(1.0)
-        yield base
+        yield ServerProcess(base, proc)
     finally:
         _stop_group(proc)
 

@@ -12,29 +12,103 @@ A vector library is a directory of such files; a vector's name is its file stem.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import math
 import os
 import re
-import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from personavec_vllm.files import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
 
 TENSOR_NAME = "persona_vector"
 REQUIRED_METADATA = ("trait", "model", "hidden_size", "num_layers", "layer", "method", "description")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# A vector name is a file stem: letters, digits, '_', '-', '.', not starting with '.' (no hidden
+# files, no '..'), matched in full (a trailing newline is not allowed).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+NAME_RULE = "1-64 characters of letters, digits, '_', '-', '.', starting with a letter or digit"
+# Bounds on what a file may hold, checked before anything is parsed or installed. A vector's
+# metadata (projection statistics of every layer) is a few tens of KB; its norms are at most a few
+# hundred for real models. Norms are checked in float64, so that float32 overflow is caught.
+MAX_HEADER_BYTES = 1 << 20
+MAX_NORM = 1e6
+# Where the library keeps every version it has served, so that requests admitted with a version
+# keep it after the file is replaced or deleted (hidden: not part of the library listing).
+VERSIONS_DIR = ".versions"
+VERSION_RETENTION_S = 3600.0
 
 
 class VectorFileError(ValueError):
     """A vector file is malformed or does not fit the model it is used with."""
 
 
+def is_valid_name(name: str) -> bool:
+    return isinstance(name, str) and NAME_PATTERN.fullmatch(name) is not None and ".." not in name
+
+
+_Finite = Annotated[float, Field(allow_inf_nan=False)]
+_Spread = Annotated[float, Field(allow_inf_nan=False, ge=0)]
+
+
+class ProjectionStats(BaseModel):
+    """Projection of the extraction's positive and negative answers at one layer."""
+
+    model_config = ConfigDict(extra="allow")
+    pos_mean: _Finite
+    pos_std: _Spread
+    neg_mean: _Finite
+    neg_std: _Spread
+
+
+class PlainStats(BaseModel):
+    """Projection of plain replies (no system prompt) at one layer."""
+
+    model_config = ConfigDict(extra="allow")
+    mean: _Finite
+    std: _Spread
+
+
+class VectorStats(BaseModel):
+    """The `stats` metadata entry (JSON): per-layer projection statistics, keyed by layer."""
+
+    model_config = ConfigDict(extra="allow")
+    projection: dict[int, ProjectionStats] = Field(default_factory=dict)
+    plain: dict[int, PlainStats] = Field(default_factory=dict)
+
+
+def _parse_stats(raw: str, name: str, num_layers: int) -> VectorStats:
+    try:
+        stats = VectorStats.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise VectorFileError(
+            f"vector {name!r}: metadata `stats` is not valid ({where or 'stats'}: {first['msg']})"
+        ) from None
+    for layer in (*stats.projection, *stats.plain):
+        if not 0 <= layer <= num_layers:
+            raise VectorFileError(f"vector {name!r}: metadata `stats` names layer {layer}, outside 0..{num_layers}")
+    return stats
+
+
 @dataclass(frozen=True)
 class PersonaVector:
-    """One persona direction per layer, `[num_layers + 1, hidden_size]` float32."""
+    """One persona direction per layer, `[num_layers + 1, hidden_size]` float32.
+
+    Construction validates everything a server relies on later (finite values and norms, layer
+    range, the `stats` metadata), so an invalid vector never exists in memory."""
 
     name: str
     vectors: torch.Tensor
@@ -44,12 +118,12 @@ class PersonaVector:
     method: str = "response_avg_diff"
     description: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    _stats: VectorStats = field(init=False, repr=False, compare=False)
+    _version: list = field(init=False, repr=False, compare=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        if not NAME_PATTERN.match(self.name):
-            raise VectorFileError(
-                f"vector name {self.name!r} must be 1-64 characters of letters, digits, '_', '-', '.'"
-            )
+        if not is_valid_name(self.name):
+            raise VectorFileError(f"vector name {self.name!r} must be {NAME_RULE}")
         if self.vectors.ndim != 2 or self.vectors.dtype != torch.float32:
             raise VectorFileError(
                 f"vector {self.name!r}: expected a 2-D float32 tensor, got "
@@ -57,10 +131,20 @@ class PersonaVector:
             )
         if not torch.isfinite(self.vectors).all():
             raise VectorFileError(f"vector {self.name!r} contains non-finite values")
+        largest = float(self.vectors.double().norm(dim=1).max()) if self.vectors.numel() else 0.0
+        if not math.isfinite(largest) or largest > MAX_NORM:
+            raise VectorFileError(
+                f"vector {self.name!r}: a layer's norm is {largest:g}; norms must be at most {MAX_NORM:g}"
+            )
         if not 1 <= self.layer <= self.num_layers:
             raise VectorFileError(
                 f"vector {self.name!r}: recommended layer {self.layer} is outside 1..{self.num_layers}"
             )
+        bad = [k for k, v in self.extra.items() if not (isinstance(k, str) and isinstance(v, str))]
+        if bad:
+            raise VectorFileError(f"vector {self.name!r}: metadata values must be strings ({bad[0]!r})")
+        raw = self.extra.get("stats")
+        object.__setattr__(self, "_stats", _parse_stats(raw, self.name, self.num_layers) if raw else VectorStats())
 
     @property
     def num_layers(self) -> int:
@@ -69,6 +153,29 @@ class PersonaVector:
     @property
     def hidden_size(self) -> int:
         return self.vectors.shape[1]
+
+    @property
+    def version(self) -> str:
+        """Content hash of the values and metadata: the same in every process that reads the same
+        vector, different for any change. Requests pin the version they were admitted with."""
+        if not self._version:
+            digest = hashlib.sha256(self.vectors.contiguous().numpy().tobytes())
+            digest.update(json.dumps(self.metadata(), sort_keys=True).encode())
+            self._version.append(digest.hexdigest()[:16])
+        return self._version[0]
+
+    def metadata(self) -> dict[str, str]:
+        """The safetensors header metadata of this vector's file."""
+        return {
+            **self.extra,
+            "trait": self.trait,
+            "model": self.model,
+            "hidden_size": str(self.hidden_size),
+            "num_layers": str(self.num_layers),
+            "layer": str(self.layer),
+            "method": self.method,
+            "description": self.description,
+        }
 
     def norms(self) -> list[float]:
         return self.vectors.norm(dim=1).tolist()
@@ -81,12 +188,14 @@ class PersonaVector:
     def projection_stats(self, layer: int) -> dict[str, float] | None:
         """Projection statistics at `layer` on the extraction's positive and negative answers:
         `pos_mean`, `pos_std`, `neg_mean`, `neg_std` (stored as `stats.projection[layer]`)."""
-        return self.stats().get("projection", {}).get(str(layer))
+        stats = self._stats.projection.get(layer)
+        return None if stats is None else stats.model_dump()
 
     def plain_stats(self, layer: int) -> dict[str, float] | None:
         """Projection statistics at `layer` on plain replies (no system prompt: what ordinary
         traffic looks like): `mean`, `std` (stored as `stats.plain[layer]`), if recorded."""
-        return self.stats().get("plain", {}).get(str(layer))
+        stats = self._stats.plain.get(layer)
+        return None if stats is None else stats.model_dump()
 
     def check_fits(self, num_layers: int, hidden_size: int) -> None:
         if (self.num_layers, self.hidden_size) != (num_layers, hidden_size):
@@ -103,120 +212,254 @@ def unit_rows(vectors: torch.Tensor) -> torch.Tensor:
     return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def vector_bytes(vector: PersonaVector) -> bytes:
+    """The vector as a `.safetensors` file's bytes."""
+    return save_safetensors_bytes({TENSOR_NAME: vector.vectors.contiguous()}, metadata=vector.metadata())
+
+
 def save_vector(vector: PersonaVector, path: str | os.PathLike) -> Path:
     """Write atomically (temp file + rename), so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {
-        **vector.extra,
-        "trait": vector.trait,
-        "model": vector.model,
-        "hidden_size": str(vector.hidden_size),
-        "num_layers": str(vector.num_layers),
-        "layer": str(vector.layer),
-        "method": vector.method,
-        "description": vector.description,
-    }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    os.close(fd)
+    return atomic_write_bytes(path, vector_bytes(vector))
+
+
+def parse_vector(data: bytes, name: str, source: str = "upload") -> PersonaVector:
+    """A vector from a `.safetensors` file's bytes, fully validated in memory (header size,
+    metadata, tensor, values): nothing is written anywhere before this succeeds."""
+    if len(data) < 8:
+        raise VectorFileError(f"{source}: not a safetensors file (shorter than its 8-byte header length)")
+    header_len = int.from_bytes(data[:8], "little")
+    if 8 + header_len > len(data):
+        raise VectorFileError(f"{source}: not a safetensors file (the header runs past the end of the data)")
+    if header_len > MAX_HEADER_BYTES:
+        raise VectorFileError(
+            f"{source}: the safetensors header is {header_len} bytes; at most {MAX_HEADER_BYTES} are accepted"
+        )
     try:
-        save_file({TENSOR_NAME: vector.vectors.contiguous()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        header = json.loads(data[8 : 8 + header_len])
+    except (ValueError, RecursionError):
+        raise VectorFileError(f"{source}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise VectorFileError(f"{source}: not a safetensors file (its header is not a JSON object)")
+    metadata: Any = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise VectorFileError(f"{source}: safetensors metadata must map strings to strings")
+    if TENSOR_NAME not in header:
+        raise VectorFileError(f"{source}: no tensor named {TENSOR_NAME!r}")
+    try:
+        tensor = load_safetensors_bytes(data)[TENSOR_NAME]
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several exception types
+        raise VectorFileError(f"{source}: not a readable safetensors file ({exc})") from None
+    if not tensor.is_floating_point():
+        raise VectorFileError(f"{source}: {TENSOR_NAME} must be floating point, got {tensor.dtype}")
+    missing = [k for k in REQUIRED_METADATA if k not in metadata]
+    if missing:
+        raise VectorFileError(f"{source}: metadata is missing {', '.join(missing)}")
+    try:
+        declared = (int(metadata["num_layers"]), int(metadata["hidden_size"]))
+        layer = int(metadata["layer"])
+    except ValueError:
+        raise VectorFileError(f"{source}: num_layers, hidden_size and layer must be integers") from None
+    if tuple(tensor.shape) != (declared[0] + 1, declared[1]):
+        raise VectorFileError(
+            f"{source}: tensor shape {tuple(tensor.shape)} disagrees with metadata "
+            f"num_layers={declared[0]}, hidden_size={declared[1]}"
+        )
+    extra = {k: v for k, v in metadata.items() if k not in REQUIRED_METADATA}
+    try:
+        return PersonaVector(
+            name=name, vectors=tensor.to(torch.float32), trait=metadata["trait"], model=metadata["model"],
+            layer=layer, method=metadata["method"], description=metadata["description"], extra=extra,
+        )
+    except VectorFileError as exc:
+        raise VectorFileError(f"{source}: {exc}") from None
 
 
 def load_vector(path: str | os.PathLike, name: str | None = None) -> PersonaVector:
     path = Path(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            if TENSOR_NAME not in f.keys():
-                raise VectorFileError(f"{path}: no tensor named {TENSOR_NAME!r}")
-            tensor = f.get_tensor(TENSOR_NAME)
-    except VectorFileError:
-        raise
-    except Exception as exc:  # safetensors raises several exception types
-        raise VectorFileError(f"{path}: not a readable safetensors file ({exc})") from exc
-    missing = [k for k in REQUIRED_METADATA if k not in metadata]
-    if missing:
-        raise VectorFileError(f"{path}: metadata is missing {', '.join(missing)}")
-    try:
-        declared = (int(metadata["num_layers"]), int(metadata["hidden_size"]))
-        layer = int(metadata["layer"])
-    except ValueError as exc:
-        raise VectorFileError(f"{path}: num_layers, hidden_size and layer must be integers") from exc
-    if tuple(tensor.shape) != (declared[0] + 1, declared[1]):
-        raise VectorFileError(
-            f"{path}: tensor shape {tuple(tensor.shape)} disagrees with metadata "
-            f"num_layers={declared[0]}, hidden_size={declared[1]}"
-        )
-    extra = {k: v for k, v in metadata.items() if k not in REQUIRED_METADATA}
-    return PersonaVector(
-        name=name or path.stem,
-        vectors=tensor.to(torch.float32),
-        trait=metadata["trait"],
-        model=metadata["model"],
-        layer=layer,
-        method=metadata["method"],
-        description=metadata["description"],
-        extra=extra,
-    )
+        data = path.read_bytes()
+    except OSError as exc:
+        raise VectorFileError(f"{path}: cannot read ({exc.strerror})") from None
+    return parse_vector(data, name or path.stem, source=str(path))
+
+
+@dataclass(frozen=True)
+class LibraryChange:
+    """What one `VectorLibrary.refresh` found: names added, replaced and removed."""
+
+    added: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.changed or self.removed)
+
+
+class LibraryFull(VectorFileError):
+    """The library holds its maximum number of vectors."""
 
 
 class VectorLibrary:
     """The vectors of one directory, checked against the served model's shape.
 
-    Re-reading the directory (`refresh`) picks up files added or changed at run time.
+    The directory is re-read when it changes (at most once a second on the request path, at once
+    after `install`/`remove`), so files added, replaced or removed by hand or by another process
+    are picked up. A file that is broken at start-up stops the start; one that breaks later is
+    left out (and listed in `problems`), never served, and never breaks the library for others.
+
+    With `keep_versions` (the process that owns the directory: the API server), every version
+    loaded is also kept, as a hard link under `.versions/`, for an hour after it stopped being
+    live: requests admitted with a version can still be served it after the file was replaced or
+    deleted (`vector_at`).
     """
 
-    def __init__(self, directory: str | os.PathLike | None, num_layers: int, hidden_size: int):
+    def __init__(
+        self,
+        directory: str | os.PathLike | None,
+        num_layers: int,
+        hidden_size: int,
+        *,
+        max_vectors: int | None = None,
+        keep_versions: bool = False,
+    ):
         self.directory = Path(directory) if directory else None
         self.num_layers = num_layers
         self.hidden_size = hidden_size
+        self.max_vectors = max_vectors
+        self.keep_versions = keep_versions
+        self.problems: dict[str, str] = {}
+        # Called with every non-empty `LibraryChange` (e.g. to drop a removed vector's metrics).
+        self.listeners: list[Callable[[LibraryChange], None]] = []
         self._vectors: dict[str, PersonaVector] = {}
-        self._mtimes: dict[str, float] = {}
-        self.refresh()
+        self._files: dict[str, tuple[int, int]] = {}  # name -> (mtime_ns, size) of the loaded file
+        self._checked = 0.0
+        self._refresh(strict=True)
+        if max_vectors is not None and len(self._vectors) > max_vectors:
+            raise LibraryFull(
+                f"vector library {self.directory} holds {len(self._vectors)} vectors; at most {max_vectors} "
+                "(PERSONAVEC_MAX_LIBRARY) can be served"
+            )
 
-    def refresh(self) -> None:
-        """Load new or changed files; drop vectors whose file disappeared."""
+    # ---- reading ------------------------------------------------------------------------
+    def refresh(self) -> LibraryChange:
+        """Re-read the directory now: load new or changed files, drop vectors whose file went."""
+        return self._refresh(strict=False)
+
+    def maybe_refresh(self, interval_s: float = 1.0) -> LibraryChange:
+        """`refresh` at most once per `interval_s` (the request path calls this)."""
+        if time.monotonic() - self._checked < interval_s:
+            return LibraryChange()
+        return self._refresh(strict=False)
+
+    def _refresh(self, strict: bool) -> LibraryChange:
+        self._checked = time.monotonic()
         if self.directory is None:
-            return
+            return LibraryChange()
         if not self.directory.is_dir():
-            raise VectorFileError(f"vector library {self.directory} is not a directory")
-        seen = set()
+            if strict:
+                raise VectorFileError(f"vector library {self.directory} is not a directory")
+            logger.error("personavec: vector library %s is not a directory any more", self.directory)
+            return LibraryChange()
+        added, changed, seen = [], [], set()
         for path in sorted(self.directory.glob("*.safetensors")):
             name = path.stem
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue  # removed while we listed
             seen.add(name)
-            mtime = path.stat().st_mtime_ns
-            if self._mtimes.get(name) == mtime:
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            if self._files.get(name) == stamp:
                 continue
-            vector = load_vector(path)
-            vector.check_fits(self.num_layers, self.hidden_size)
+            try:
+                vector = load_vector(path)
+                vector.check_fits(self.num_layers, self.hidden_size)
+            except VectorFileError as exc:
+                if strict:
+                    raise
+                if self.problems.get(name) != str(exc):
+                    logger.error("personavec: leaving out vector file %s: %s", path, exc)
+                self.problems[name] = str(exc)
+                self._files[name] = stamp
+                if self._vectors.pop(name, None) is not None:
+                    changed.append(name)
+                continue
+            self.problems.pop(name, None)
+            old = self._vectors.get(name)
+            if old is None or old.version != vector.version:
+                (added if old is None else changed).append(name)
             self._vectors[name] = vector
-            self._mtimes[name] = mtime
-        for name in set(self._vectors) - seen:
+            self._files[name] = stamp
+            if self.keep_versions:
+                self._keep(path, vector)
+        removed = sorted(set(self._vectors) - seen)
+        for name in set(self._files) - seen:
+            self._files.pop(name)
+            self.problems.pop(name, None)
+        for name in removed:
             del self._vectors[name]
-            del self._mtimes[name]
+        change = LibraryChange(tuple(added), tuple(changed), tuple(removed))
+        if change:
+            if self.keep_versions:
+                self._forget_old_versions()
+            for listener in self.listeners:
+                listener(change)
+        return change
 
-    def add(self, vector: PersonaVector) -> None:
-        """Add in memory only (offline use and tests); `save_vector` into the directory persists."""
-        vector.check_fits(self.num_layers, self.hidden_size)
-        self._vectors[vector.name] = vector
+    def _version_path(self, name: str, version: str) -> Path:
+        assert self.directory is not None
+        return self.directory / VERSIONS_DIR / f"{name}.{version}.safetensors"
+
+    def _keep(self, path: Path, vector: PersonaVector) -> None:
+        kept = self._version_path(vector.name, vector.version)
+        if kept.exists():
+            return
+        try:
+            kept.parent.mkdir(exist_ok=True)
+            os.link(path, kept)
+        except FileExistsError:
+            pass
+        except OSError as exc:  # read-only library, or a filesystem without hard links
+            logger.debug("personavec: cannot keep version %s of %s (%s)", vector.version, vector.name, exc)
+
+    def _forget_old_versions(self) -> None:
+        assert self.directory is not None
+        live = {(v.name, v.version) for v in self._vectors.values()}
+        cutoff = time.time() - VERSION_RETENTION_S
+        for kept in (self.directory / VERSIONS_DIR).glob("*.safetensors"):
+            name, _, version = kept.stem.rpartition(".")
+            try:
+                if (name, version) not in live and kept.stat().st_ctime < cutoff:
+                    kept.unlink()
+            except OSError:
+                pass
 
     def get(self, name: str) -> PersonaVector | None:
-        vector = self._vectors.get(name)
-        if vector is None and self.directory is not None:
-            self.refresh()
-            vector = self._vectors.get(name)
-        return vector
+        self.maybe_refresh()
+        return self._vectors.get(name)
 
-    def version(self, name: str) -> int:
-        """File modification time (ns) of the loaded vector; 0 for vectors added in memory. Lets
-        other processes reading the same directory notice a replaced file."""
-        return self._mtimes.get(name, 0)
+    def vector_at(self, name: str, version: str) -> PersonaVector | None:
+        """Vector `name` exactly at `version`: the live one, or a kept older one; None if gone."""
+        vector = self._vectors.get(name)
+        if vector is not None and vector.version == version:
+            return vector
+        self.refresh()
+        vector = self._vectors.get(name)
+        if vector is not None and vector.version == version:
+            return vector
+        if self.directory is None:
+            return None
+        kept = self._version_path(name, version)
+        try:
+            vector = load_vector(kept, name=name)
+        except VectorFileError:
+            return None
+        return vector if vector.version == version else None
+
+    def version(self, name: str) -> str | None:
+        """Content version of the live vector `name` (None if there is none)."""
+        vector = self._vectors.get(name)
+        return None if vector is None else vector.version
 
     def names(self) -> list[str]:
         return sorted(self._vectors)
@@ -226,3 +469,39 @@ class VectorLibrary:
 
     def __len__(self) -> int:
         return len(self._vectors)
+
+    # ---- changing -------------------------------------------------------------------------
+    def add(self, vector: PersonaVector) -> None:
+        """Add in memory only (offline use and tests); `install` persists."""
+        vector.check_fits(self.num_layers, self.hidden_size)
+        self._vectors[vector.name] = vector
+
+    def install(self, name: str, data: bytes) -> PersonaVector:
+        """Validate a vector file's bytes in memory, then write it into the directory as `name`
+        (atomically). Raises `VectorFileError` (nothing written) or `LibraryFull`."""
+        if self.directory is None:
+            raise VectorFileError("the library has no directory to install into")
+        if not is_valid_name(name):
+            raise VectorFileError(f"vector name must be {NAME_RULE}")
+        vector = parse_vector(data, name)
+        vector.check_fits(self.num_layers, self.hidden_size)
+        self.refresh()
+        if name not in self._vectors and self.max_vectors is not None and len(self._vectors) >= self.max_vectors:
+            raise LibraryFull(
+                f"the vector library is full ({len(self._vectors)} of at most {self.max_vectors} vectors, "
+                "PERSONAVEC_MAX_LIBRARY); delete one first"
+            )
+        atomic_write_bytes(self.directory / f"{name}.safetensors", data)
+        self.refresh()
+        return self._vectors.get(name, vector)
+
+    def remove(self, name: str) -> bool:
+        """Delete vector `name`'s file (requests holding its version keep it). False if absent."""
+        if self.directory is None or name not in self._vectors:
+            return False
+        try:
+            (self.directory / f"{name}.safetensors").unlink()
+        except FileNotFoundError:
+            pass
+        self.refresh()
+        return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -65,7 +66,7 @@ def test_bad_vector_files_are_refused(tmp_path):
     with pytest.raises(VectorFileError, match="missing"):
         load_vector(tmp_path / "nometa.safetensors")
     (tmp_path / "garbage.safetensors").write_bytes(b"not a file")
-    with pytest.raises(VectorFileError, match="not a readable"):
+    with pytest.raises(VectorFileError, match="not a (readable )?safetensors file"):
         load_vector(tmp_path / "garbage.safetensors")
     with pytest.raises(VectorFileError, match="non-finite"):
         PersonaVector("x", torch.full((L + 1, H), math.nan), "x", "m", 1)
@@ -83,7 +84,8 @@ def test_library_picks_up_new_files(library, tmp_path):
     assert library.names() == ["evil", "kind"]
     assert library.get("new") is None
     save_vector(_vector("new", seed=5), tmp_path / "new.safetensors")
-    assert library.get("new") is not None  # a miss re-reads the directory
+    assert library.refresh().added == ("new",)
+    assert library.get("new") is not None
     (tmp_path / "kind.safetensors").unlink()
     library.refresh()
     assert library.names() == ["evil", "new"]
@@ -158,7 +160,7 @@ def test_tables_rows_and_phases(library):
     )
     state = tables.admit("r1", spec, {"r1"})
     assert state.slot == 0 and state.steer_layers == {1, 3}
-    evil, kind = tables.columns["evil"], tables.columns["kind"]
+    evil, kind = (tables.column_of(n, library.version(n)) for n in ("evil", "kind"))
     # rows 1..3 = phases prompt / last prompt / generated of slot 0
     assert tables.coef[1, 1:4, evil].tolist() == [2.0, 2.0, 0.0]
     assert tables.coef[1, 1:4, kind].tolist() == [0.0, -1.0, -1.0]
@@ -204,4 +206,144 @@ def test_op_adds_steering_and_projects(library):
     expected[1:3] += 3.0 * v
     assert torch.allclose(residual, expected)
     unit = v / v.norm()
-    assert torch.allclose(tables.proj[2, :4, tables.columns["evil"]], (hidden + expected) @ unit, atol=1e-5)
+    assert torch.allclose(tables.proj[2, :4, tables.column_of("evil", library.version("evil"))], (hidden + expected) @ unit, atol=1e-5)
+
+
+# ---- hardening: what a vector file, a spec or the tables must refuse ------------------------
+
+def _file_bytes(values=None, **metadata):
+    from safetensors.torch import save
+
+    values = torch.randn(L + 1, H) if values is None else values
+    meta = {"trait": "t", "model": "m", "hidden_size": str(H), "num_layers": str(L), "layer": "2",
+            "method": "response_avg_diff", "description": "d", **metadata}
+    return save({"persona_vector": values}, metadata=meta)
+
+
+@pytest.mark.parametrize("data, match", [
+    (lambda: _file_bytes(torch.full((L + 1, H), 1e38)), "norm"),
+    (lambda: _file_bytes(stats="{oops"), "stats"),
+    (lambda: _file_bytes(stats=json.dumps({"projection": {"2": {"pos_mean": 1}}})), "stats"),
+    (lambda: _file_bytes(stats=json.dumps({"projection": {"9": {"pos_mean": 1, "pos_std": 1, "neg_mean": 0, "neg_std": 1}}})), "layer 9"),
+    (lambda: _file_bytes(stats=json.dumps({"plain": {"2": {"mean": 1, "std": -1}}})), "stats"),
+    (lambda: _file_bytes(padding="x" * (2 << 20)), "header is"),
+    (lambda: b"\x07" + b"\0" * 7 + b"[1,2,3]", "not a JSON object"),
+    (lambda: b"\x04" + b"\0" * 7 + b"{}", "past the end"),
+    (lambda: b"abc", "shorter"),
+    (lambda: _file_bytes(layer="x"), "integers"),
+])
+def test_parse_vector_refuses_what_would_break_a_server(data, match):
+    from personavec_vllm.vectors import parse_vector
+
+    with pytest.raises(VectorFileError, match=match):
+        parse_vector(data(), "x")
+
+
+@pytest.mark.parametrize("name, ok", [("evil", True), ("a.b-c_d", True), ("abc\n", False), (".hidden", False),
+                                      ("..", False), ("a..b", False), ("a/b", False), ("x" * 65, False), ("", False)])
+def test_vector_names_are_matched_in_full(name, ok):
+    from personavec_vllm.vectors import is_valid_name
+
+    assert is_valid_name(name) is ok
+
+
+def test_library_leaves_out_files_that_break_later(library, tmp_path, caplog):
+    (tmp_path / "broken.safetensors").write_bytes(_file_bytes(stats="{oops"))
+    change = library.refresh()
+    assert change.added == () and "broken" in library.problems and library.names() == ["evil", "kind"]
+    (tmp_path / "evil.safetensors").write_bytes(b"garbage")  # a good file turns bad: it is dropped
+    assert library.refresh().changed == ("evil",) and library.names() == ["kind"]
+    with pytest.raises(VectorFileError):  # at start-up a broken file stops the start
+        VectorLibrary(tmp_path, L, H)
+
+
+def test_library_install_validates_before_writing_and_caps_the_count(tmp_path):
+    from personavec_vllm.vectors import LibraryFull
+
+    library = VectorLibrary(tmp_path, L, H, max_vectors=2, keep_versions=True)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(VectorFileError):
+        library.install("bad", _file_bytes(torch.full((L + 1, H), math.inf)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    library.install("a", _file_bytes())
+    library.install("b", _file_bytes())
+    with pytest.raises(LibraryFull, match="at most 2"):
+        library.install("c", _file_bytes())
+    assert library.names() == ["a", "b"]
+
+
+def test_library_keeps_versions_that_requests_hold(tmp_path):
+    owner = VectorLibrary(tmp_path, L, H, keep_versions=True)
+    worker = VectorLibrary(tmp_path, L, H)  # another process's view of the same directory
+    first = owner.install("v", _file_bytes(torch.ones(L + 1, H)))
+    owner.remove("v")
+    second = owner.install("v", _file_bytes(torch.full((L + 1, H), 2.0)))
+    assert first.version != second.version
+    assert worker.vector_at("v", first.version).vectors[1, 0] == 1.0  # replaced, still servable
+    assert worker.vector_at("v", second.version).vectors[1, 0] == 2.0
+    owner.remove("v")
+    assert worker.vector_at("v", second.version) is not None
+    worker.refresh()
+    assert "v" not in worker.names()
+    assert worker.vector_at("v", "0" * 16) is None
+
+
+def test_spec_refusals_that_used_to_pass_or_crash(library):
+    with pytest.raises(PersonaSpecError) as info:
+        parse_spec([{"vector": "evil", "coeff": 10**400}], None, library)
+    assert info.value.field == "persona_steer[0].coeff" and "too large" in str(info.value)
+    for monitor in (0, 1, [], "true"):
+        with pytest.raises(PersonaSpecError) as info:
+            parse_spec(None, monitor, library)
+        assert info.value.field == "persona_monitor"
+    with pytest.raises(PersonaSpecError) as info:
+        parse_spec({}, None, library)  # one term without the list: its fields are named as such
+    assert info.value.field == "persona_steer.vector"
+    for bad in ("x", {"persona_steer": [{"vector": "evil"}]}, {"persona_steer": [{"coeff": 1, "layers": "x"}]},
+                {"persona_monitor": {"vectors": {"evil": [2]}, "per_token": 1}, "vector_versions": 5}):
+        with pytest.raises(PersonaSpecError):
+            PersonaSpec.from_dict(bad)
+
+
+def test_cache_salt_depends_on_the_vector_version(tmp_path):
+    owner = VectorLibrary(tmp_path, L, H, keep_versions=True)
+    owner.install("v", _file_bytes(torch.ones(L + 1, H)))
+    steer = [{"vector": "v", "coeff": 1.0, "positions": "all"}]
+    old = parse_spec(steer, None, owner).cache_salt()
+    owner.remove("v")
+    owner.install("v", _file_bytes(torch.full((L + 1, H), 2.0)))
+    assert parse_spec(steer, None, owner).cache_salt() != old
+
+
+def test_tables_evict_idle_columns_and_fail_only_when_all_are_held(tmp_path):
+    from personavec_vllm.steering.tables import TableFull, VectorUnavailable
+
+    owner = VectorLibrary(tmp_path, L, H, keep_versions=True)
+    tables = SteeringTables(owner, max_tokens=8, max_slots=4, max_columns=2, device="cpu", dtype=torch.float32)
+    for i in range(6):  # more distinct vectors over time than columns: idle ones are evicted
+        owner.install(f"v{i}", _file_bytes(torch.full((L + 1, H), float(i + 1))))
+        spec = parse_spec([{"vector": f"v{i}", "coeff": 1.0}], None, owner)
+        state = tables.admit(f"r{i}", spec, {f"r{i}"})
+        col = tables.column_of(f"v{i}", owner.version(f"v{i}"))
+        assert tables.lib[2, col, 0] == i + 1 and state.columns == (col,)
+        tables.release(f"r{i}")
+        owner.remove(f"v{i}")
+    assert tables.active_columns <= 2
+    owner.install("x", _file_bytes())
+    owner.install("y", _file_bytes())
+    owner.install("z", _file_bytes())
+    tables.admit("hold-x", parse_spec(None, {"vectors": ["x"]}, owner), set())
+    tables.admit("hold-y", parse_spec(None, {"vectors": ["y"]}, owner), set())
+    with pytest.raises(TableFull):
+        tables.admit("z", parse_spec(None, {"vectors": ["z"]}, owner), set())
+    assert tables.requests["z"] is None  # recorded as plain; nothing held
+    tables.release("hold-x")
+    assert tables.admit("z2", parse_spec(None, {"vectors": ["z"]}, owner), set()).monitor
+    gone = parse_spec(None, {"vectors": ["y"]}, owner)
+    owner.remove("y")
+    shutil.rmtree(tmp_path / ".versions")
+    tables.release("hold-y")
+    for _ in range(2):  # y's column is evicted by new vectors; y's version is gone everywhere
+        tables.column(f"new{_}", owner.install(f"new{_}", _file_bytes()).version)
+    with pytest.raises(VectorUnavailable):
+        tables.admit("late", gone, set())

@@ -10,6 +10,14 @@
   counter, and `rate()` would read a fall as a reset), so the signed sum is their difference.
 - `personavec_steered_requests_total{vector, model}`, `personavec_monitored_requests_total{vector, model}`.
 - `personavec_rejected_requests_total{reason, model}`: persona input refused with HTTP 400.
+- `personavec_failed_requests_total{model}`: persona requests the worker could not serve
+  (answered with an error; the engine kept serving).
+
+A vector's series are removed when it leaves the library, and restart from zero when it is
+replaced by a different version (a counter reset, which `rate()` handles): projections of two
+different directions never share a series. A request that finishes after its vector was replaced
+or deleted is not observed. (Under `PROMETHEUS_MULTIPROC_DIR`, removed series stay in the other
+processes' files until they restart: prometheus_client's multiprocess mode cannot remove them.)
 
 Label values come only from the vector library, the served model name and fixed sets
 (`KINDS`, `REJECT_REASONS`): never from request text, so cardinality stays bounded.
@@ -29,9 +37,11 @@ registry and expose them as one family. Under vLLM's multiprocess mode
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
+from collections.abc import Callable
 
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.metrics_core import HistogramMetricFamily
@@ -85,7 +95,10 @@ class PersonaMetrics:
         self.model = model
         self._multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         self._lock = threading.Lock()
-        self._histograms: dict[tuple[str, int, tuple[float, ...]], Histogram] = {}
+        self._histograms: dict[tuple[str, int], Histogram] = {}
+        self._buckets: dict[tuple[str, int], tuple[float, ...]] = {}
+        # vector -> (counter kind, label values) of its counter series
+        self._series: dict[str, set[tuple[str, tuple[str, ...]]]] = {}
         labels = dict(registry=registry)
         self.steered = Counter("personavec_steered_requests", "Requests steered, per vector",
                                ["vector", "model"], **labels)
@@ -98,39 +111,75 @@ class PersonaMetrics:
                                projection_labels, **labels)
         self.rejected = Counter("personavec_rejected_requests", "Persona requests refused with HTTP 400, by reason",
                                 ["reason", "model"], **labels)
+        self.failed = Counter("personavec_failed_requests",
+                              "Persona requests the worker could not serve (answered with an error)",
+                              ["model"], **labels)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason=reason, model=model)  # export zeros, so rate() works from the start
+        self.failed.labels(model=model)
         if not self._multiprocess and registry is not None:
             registry.register(_ProjectionFamily(self._histograms))
 
     def _histogram(self, vector: PersonaVector, layer: int) -> Histogram:
+        """The one histogram of (vector, layer); a new one when the vector's buckets changed."""
         buckets = fitted_buckets(vector, layer)
-        key = (vector.name, layer, buckets)
+        key = (vector.name, layer)
         with self._lock:
             histogram = self._histograms.get(key)
-            if histogram is None:
+            if histogram is None or self._buckets[key] != buckets:
                 histogram = Histogram(HISTOGRAM, "Projection h.v/|v| of monitored requests on persona vectors",
                                       ["vector", "kind", "model", "layer"], buckets=buckets, registry=None)
                 self._histograms[key] = histogram
+                self._buckets[key] = buckets
         return histogram
+
+    def _labels(self, vector: str, kind: str, *values: str) -> tuple[str, ...]:
+        """`values`, remembered as a series of `vector` (so `forget_vector` can remove it)."""
+        with self._lock:
+            self._series.setdefault(vector, set()).add((kind, values))
+        return values
 
     def observe_request(self, spec: PersonaSpec) -> None:
         for name in dict.fromkeys(t.vector for t in spec.steer):
-            self.steered.labels(vector=name, model=self.model).inc()
+            self.steered.labels(*self._labels(name, "steered", name, self.model)).inc()
         for term in spec.monitor:
-            self.monitored.labels(vector=term.vector, model=self.model).inc()
+            self.monitored.labels(*self._labels(term.vector, "monitored", term.vector, self.model)).inc()
 
-    def observe_projections(self, projections: dict[str, dict[int, LayerProjection]], vectors: dict[str, PersonaVector]) -> None:
+    def observe_projections(self, projections: dict[str, dict[int, LayerProjection]], spec: PersonaSpec,
+                            live_version: Callable[[str], str | None]) -> None:
+        """Record a finished request's projections, on the vector versions it was served with,
+        unless a vector was replaced or deleted meanwhile (its series belong to the new one)."""
+        versions = dict(spec.versions)
         for name, by_layer in projections.items():
+            vector = spec.vectors.get(name)
+            if vector is None or live_version(name) != versions.get(name):
+                continue
             for layer, proj in by_layer.items():
-                histogram = self._histogram(vectors[name], layer)
+                histogram = self._histogram(vector, layer)
                 for kind, value in (("prompt_last", proj.prompt_last), ("response_mean", proj.response_mean)):
                     if value is None:
                         continue
-                    series = dict(vector=name, kind=kind, model=self.model, layer=str(layer))
-                    histogram.labels(**series).observe(value)
-                    self.sum_pos.labels(**series).inc(max(value, 0.0))
-                    self.sum_neg.labels(**series).inc(max(-value, 0.0))
+                    series = (name, kind, self.model, str(layer))
+                    histogram.labels(*series).observe(value)
+                    self.sum_pos.labels(*self._labels(name, "sum", *series)).inc(max(value, 0.0))
+                    self.sum_neg.labels(*series).inc(max(-value, 0.0))
+
+    def forget_vector(self, name: str) -> None:
+        """Remove every series of vector `name` (it was deleted, or replaced by another version)."""
+        with self._lock:
+            for key in [k for k in self._histograms if k[0] == name]:
+                del self._histograms[key]
+                del self._buckets[key]
+            series = self._series.pop(name, set())
+        for kind, values in series:
+            counters = {"steered": (self.steered,), "monitored": (self.monitored,),
+                        "sum": (self.sum_pos, self.sum_neg)}[kind]
+            for counter in counters:
+                with contextlib.suppress(KeyError):
+                    counter.remove(*values)
 
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason=reason, model=self.model).inc()
+
+    def fail(self) -> None:
+        self.failed.labels(model=self.model).inc()

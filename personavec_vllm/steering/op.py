@@ -45,7 +45,7 @@ def steer_and_capture(hidden: torch.Tensor, residual: torch.Tensor, layer: int) 
     n = hidden.shape[0]
     # Only the columns that hold vectors (all of them in a captured graph, whose shapes are
     # frozen); the rest are zero.
-    k = tables.max_columns if graph else max(len(tables.columns), 1)
+    k = tables.max_columns if graph else max(tables.active_columns, 1)
     if graph or tables.steer_active[layer]:
         coef = tables.coef[layer, :, :k].index_select(0, tables.token_row[:n])  # [n, k]
         residual.add_((coef @ tables.lib[layer, :k]).to(residual.dtype))

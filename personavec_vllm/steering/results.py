@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
@@ -30,13 +31,35 @@ logger = logging.getLogger(__name__)
 # extra_args key: the sink address of the front-end process that took a monitored request.
 REPLY_TO_KEY = "personavec_reply_to"
 
-# One message from a worker step: projections of monitored requests,
-# [(request_key, first relative position, {(vector, layer): [values]})], and the keys of
-# monitored requests that left the engine (finished or aborted): nothing more will come.
 @dataclass
 class Message:
+    """One message from a worker step, for one front-end process.
+
+    - `values`: projections of monitored requests, `(request_key, first relative position,
+      {(vector, layer): [values]})`;
+    - `admitted`: keys of persona requests the worker took into its tables this step;
+    - `failed`: `(request_key, engine request id, reason)` of persona requests the worker could
+      not serve: they run unsteered until the front end aborts them, and must be answered with
+      an error;
+    - `done`: keys of persona requests that left the engine (finished or aborted): nothing more
+      will come for them.
+    """
+
     values: list[tuple[str, int, dict[tuple[str, int], list[float]]]] = field(default_factory=list)
     done: list[str] = field(default_factory=list)
+    admitted: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.values or self.done or self.admitted or self.failed)
+
+
+class PersonaRequestFailed(RuntimeError):
+    """The worker could not serve a persona request (it was aborted); the message says why."""
+
+
+class EngineGone(RuntimeError):
+    """The engine died while a request waited for its projections."""
 
 
 @dataclass
@@ -95,28 +118,48 @@ class ResultRouter:
 
     def send(self, message: Message) -> None:
         parts: dict[str, Message] = {}
+
+        def part(key: str) -> Message | None:
+            address = self._routes.get(key)
+            return None if address is None else parts.setdefault(address, Message())
+
         for item in message.values:
-            address = self._routes.get(item[0])
-            if address:
-                parts.setdefault(address, Message()).values.append(item)
+            if (out := part(item[0])) is not None:
+                out.values.append(item)
+        for key in message.admitted:
+            if (out := part(key)) is not None:
+                out.admitted.append(key)
+        for item in message.failed:
+            if (out := part(item[0])) is not None:
+                out.failed.append(item)
         for key in message.done:  # nothing more comes for these requests
-            address = self._routes.pop(key, None)
-            if address:
-                parts.setdefault(address, Message()).done.append(key)
-        for address, part in parts.items():
+            if (out := part(key)) is not None:
+                out.done.append(key)
+            self._routes.pop(key, None)
+        for address, out in parts.items():
             publisher = self._publishers.get(address)
             if publisher is None:
                 publisher = self._publishers[address] = ResultPublisher(address)
-            publisher.send(part)
+            publisher.send(out)
 
 
 @dataclass
 class _Pending:
-    expected: list[tuple[str, int]] = field(default_factory=list)
+    """What the sink knows about one persona request."""
+
+    expected: list[tuple[str, int]] = field(default_factory=list)  # monitored (vector, layer) series
     values: dict[tuple[str, int], dict[int, float]] = field(default_factory=dict)
+    held: bool = False  # someone will `discard` it; otherwise it goes when the request is done
+    admitted: bool = False
+    failure: str | None = None
     done: bool = False
     touched: float = field(default_factory=time.monotonic)
-    waiters: list = field(default_factory=list)  # (event loop, future) of async collectors
+    waiters: list = field(default_factory=list)  # (event loop, future) of async waiters
+
+    @property
+    def reported(self) -> bool:
+        """The worker said whether it serves the request (or the request is gone)."""
+        return self.admitted or self.failure is not None or self.done
 
 
 def _resolve(future) -> None:
@@ -125,11 +168,15 @@ def _resolve(future) -> None:
 
 
 class ProjectionSink:
-    """Front-end side: one background thread drains the socket into per-request buffers."""
+    """Front-end side: one background thread drains the socket into per-request records, which
+    callers wait on: `await_admission` (did the worker take the request?), `acollect` / `collect`
+    (its projections, once complete). `on_failure(key, engine_request_id, reason)` is called (on
+    the sink thread) for every request the worker failed, so that the owner can abort it."""
 
     def __init__(self, address: str | None = None, ttl_s: float = 600.0):
         self.address = address or f"ipc://{tempfile.gettempdir()}/personavec-{os.getpid()}-{uuid.uuid4().hex[:8]}.sock"
         self.ttl_s = ttl_s
+        self.on_failure: Callable[[str, str, str], None] | None = None
         self._pending: dict[str, _Pending] = {}
         self._cond = threading.Condition()
         self._socket = zmq.Context.instance().socket(zmq.PULL)
@@ -138,11 +185,12 @@ class ProjectionSink:
         self._thread = threading.Thread(target=self._run, name="personavec-sink", daemon=True)
         self._thread.start()
 
-    def expect(self, key: str, expected: list[tuple[str, int]]) -> None:
-        """Announce a monitored request (before it reaches the engine). A fresh entry: whatever
-        an earlier request with the same key left behind is dropped."""
+    def expect(self, key: str, expected: list[tuple[str, int]], held: bool = False) -> None:
+        """Announce a persona request (before it reaches the engine), with the (vector, layer)
+        series it monitors. A fresh record: whatever an earlier request with the same key left is
+        dropped. `held`: the caller will `discard` the record when it is done with it."""
         with self._cond:
-            self._pending[key] = _Pending(expected=list(expected))
+            self._pending[key] = _Pending(expected=list(expected), held=held)
 
     def _run(self) -> None:
         """Drain the socket forever: a bad message is logged and dropped, never fatal, because
@@ -155,43 +203,114 @@ class ProjectionSink:
                 message: Message = pickle.loads(self._socket.recv())
                 now = time.monotonic()
                 with self._cond:
-                    self._take(message, now)
-                    if now - last_sweep > 60:  # results nobody asked for (aborted requests)
+                    failed = self._take(message, now)
+                    if now - last_sweep > 60:  # records nobody came back for
                         for key in [k for k, p in self._pending.items() if now - p.touched > self.ttl_s]:
                             del self._pending[key]
                         last_sweep = now
                     self._cond.notify_all()
+                for item in failed:
+                    logger.error("personavec: request %s failed in the worker: %s", item[0], item[2])
+                    if self.on_failure is not None:
+                        self.on_failure(*item)
             except Exception:  # noqa: BLE001 - keep the sink alive
                 logger.exception("personavec: dropped a projection message")
 
-    def _take(self, message: Message, now: float) -> None:
+    @staticmethod
+    def _wake(pending: _Pending) -> None:
+        for loop, future in pending.waiters:
+            with contextlib.suppress(RuntimeError):  # the waiter's event loop has closed
+                loop.call_soon_threadsafe(_resolve, future)
+        pending.waiters.clear()
+
+    def _take(self, message: Message, now: float) -> list[tuple[str, str, str]]:
+        touched: dict[str, _Pending] = {}
         for key, start, series in message.values:
-            pending = self._pending.setdefault(key, _Pending())
-            pending.touched = now
+            pending = touched[key] = self._pending.setdefault(key, _Pending())
             for name, values in series.items():
                 slots = pending.values.setdefault(name, {})
                 for offset, value in enumerate(values):
                     slots[start + offset] = value
+        for key in message.admitted:
+            pending = touched[key] = self._pending.setdefault(key, _Pending())
+            pending.admitted = True
+        failed = []
+        for key, engine_id, reason in message.failed:
+            pending = touched[key] = self._pending.setdefault(key, _Pending())
+            if pending.failure is None:
+                pending.failure = reason
+                failed.append((key, engine_id, reason))
         for key in message.done:
-            pending = self._pending.setdefault(key, _Pending())
-            pending.done, pending.touched = True, now
-            for loop, future in pending.waiters:
-                with contextlib.suppress(RuntimeError):  # the waiter's event loop has closed
-                    loop.call_soon_threadsafe(_resolve, future)
-            pending.waiters.clear()
+            pending = touched[key] = self._pending.setdefault(key, _Pending())
+            pending.done = True
+        for key, pending in touched.items():
+            pending.touched = now
+            self._wake(pending)
+            if pending.done and not pending.held and not pending.expected and pending.failure is None:
+                del self._pending[key]  # steered only, served: nobody needs the record
+        return failed
+
+    # ---- waiting ----------------------------------------------------------------------
+    async def _until(self, key: str, ready: Callable[[_Pending], bool], timeout: float,
+                     alive: Callable[[], bool] | None) -> _Pending | None:
+        """Wait until `ready(record)`; None if there is no record. Raises `TimeoutError`, or
+        `EngineGone` as soon as `alive()` turns false (checked every 0.25 s)."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._cond:
+                pending = self._pending.get(key)
+                if pending is None or ready(pending):
+                    return pending
+                future = loop.create_future()
+                pending.waiters.append((loop, future))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._timeout(key, pending, timeout)
+            try:
+                await asyncio.wait_for(future, min(left, 0.25))
+            except asyncio.TimeoutError:
+                if alive is not None and not alive():
+                    raise EngineGone(f"personavec: the engine stopped before request {key} finished") from None
+
+    async def await_admission(self, key: str, timeout: float = 60.0, alive: Callable[[], bool] | None = None) -> None:
+        """Return once the worker took the request into its tables; raise `PersonaRequestFailed`
+        if it could not. Returns at once for requests the sink does not know."""
+        pending = await self._until(key, lambda p: p.reported, timeout, alive)
+        if pending is not None and pending.failure is not None:
+            raise PersonaRequestFailed(pending.failure)
+
+    async def acollect(self, key: str, timeout: float = 30.0, alive: Callable[[], bool] | None = None,
+                       ) -> dict[str, dict[int, LayerProjection]]:
+        """The request's projections, once the worker reported it gone: `{vector: {layer:
+        LayerProjection}}`, empty when it monitored nothing. Takes the record."""
+        try:
+            pending = await self._until(key, lambda p: p.done or p.failure is not None, timeout, alive)
+        finally:
+            self.discard(key)
+        if pending is None or not pending.expected:
+            return {}
+        if pending.failure is not None:
+            raise PersonaRequestFailed(pending.failure)
+        return self._summarize(pending, None)
 
     def collect(self, key: str, num_generated: int | None = None, timeout: float = 30.0) -> dict[str, dict[int, LayerProjection]]:
-        """Wait until the request's projections are complete and take them:
-        `{vector: {layer: LayerProjection}}`, empty when the request monitored nothing.
-
-        Complete means the worker reported the request gone (finished or aborted), or, when
-        `num_generated` is given, positions `0 .. num_generated-1` of every series arrived."""
+        """Blocking `acollect` (offline API): complete means the worker reported the request gone,
+        or, when `num_generated` is given, positions `0 .. num_generated-1` of every series
+        arrived. Raises `PersonaRequestFailed` if the worker failed the request."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
                 pending = self._pending.get(key)
-                if pending is None or not pending.expected:
-                    self._pending.pop(key, None)
+                if pending is None:
+                    return {}
+                if pending.failure is not None:
+                    del self._pending[key]
+                    raise PersonaRequestFailed(pending.failure)
+                if not pending.expected:
+                    del self._pending[key]
                     return {}
                 if self._complete(pending, num_generated):
                     break
@@ -203,30 +322,19 @@ class ProjectionSink:
             del self._pending[key]
         return self._summarize(pending, num_generated)
 
-    async def acollect(self, key: str, timeout: float = 30.0) -> dict[str, dict[int, LayerProjection]]:
-        """`collect` for asyncio callers (waits for the worker's end-of-request report)."""
-        import asyncio
-
-        loop = asyncio.get_running_loop()
+    def failure(self, key: str, timeout: float = 30.0) -> str | None:
+        """Offline API: why the worker failed request `key`, or None if it serves (or served) it.
+        Waits until the worker reported on it."""
+        deadline = time.monotonic() + timeout
         with self._cond:
-            pending = self._pending.get(key)
-            if pending is None or not pending.expected:
-                self._pending.pop(key, None)
-                return {}
-            future = loop.create_future()
-            if pending.done:
-                future.set_result(None)
-            else:
-                pending.waiters.append((loop, future))
-        try:
-            await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
-            with self._cond:
-                self._pending.pop(key, None)
-            raise self._timeout(key, pending, timeout) from None
-        with self._cond:
-            self._pending.pop(key, None)
-        return self._summarize(pending, None)
+            while True:
+                pending = self._pending.get(key)
+                if pending is None or pending.failure is not None or pending.admitted or pending.done:
+                    return None if pending is None else pending.failure
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self._timeout(key, pending, timeout)
+                self._cond.wait(left)
 
     @staticmethod
     def _complete(pending: _Pending, num_generated: int | None) -> bool:
@@ -258,8 +366,8 @@ class ProjectionSink:
     def _timeout(key: str, pending: _Pending, timeout: float) -> TimeoutError:
         have = {f"{v}@{l}": len(x) for (v, l), x in pending.values.items()}
         return TimeoutError(
-            f"personavec: projections of request {key} incomplete after {timeout:.0f}s "
-            f"(positions received {have}, finished={pending.done})"
+            f"personavec: no report on request {key} after {timeout:.0f}s "
+            f"(positions received {have}, admitted={pending.admitted}, finished={pending.done})"
         )
 
     def discard(self, key: str) -> None:

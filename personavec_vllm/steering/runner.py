@@ -8,6 +8,11 @@ requests and push them to the front end.
 
 Hooked (checked at start-up, see `check_internals`): `GPUModelRunner.load_model`,
 `_update_states`, `_prepare_inputs`, `_model_forward` (the CPU runner inherits all four).
+
+A failure that concerns one request (its spec is malformed, its vector version is gone, the
+tables are full) fails that request only: it runs as a plain request, and the worker reports
+the failure to the front end that took it, which aborts it and answers with an error. The
+engine keeps stepping.
 """
 
 from __future__ import annotations
@@ -41,21 +46,41 @@ def check_internals() -> None:
         )
 
 
-def _spec_of(request_state) -> PersonaSpec | None:
+# Fault injection for tests: admitting a request that uses this vector raises in the worker.
+FAULT_VECTOR_ENV = "PERSONAVEC_FAULT_VECTOR"
+
+
+def _extra_args(request_state) -> dict:
     params = getattr(request_state, "sampling_params", None)
-    extra = getattr(params, "extra_args", None) or {}
+    return getattr(params, "extra_args", None) or {}
+
+
+def _spec_of(extra: dict) -> PersonaSpec | None:
     resolved = extra.get(RESOLVED_KEY)
-    return PersonaSpec.from_dict(resolved) if resolved else None
+    if resolved is None:
+        return None
+    spec = PersonaSpec.from_dict(resolved)
+    fault = os.environ.get(FAULT_VECTOR_ENV)
+    if fault and fault in {t.vector for t in spec.steer} | {t.vector for t in spec.monitor}:
+        raise RuntimeError(f"fault injected for vector {fault!r} ({FAULT_VECTOR_ENV})")
+    return spec
+
+
+def _request_key(extra: dict, req_id: str) -> str:
+    resolved = extra.get(RESOLVED_KEY)
+    key = resolved.get("request_key") if isinstance(resolved, dict) else None
+    return key if isinstance(key, str) and key else req_id
 
 
 class StepPlan:
-    """What the current step's forward must do for persona requests."""
+    """What the current step's forward must do for persona requests, and what to report."""
 
-    __slots__ = ("num_tokens", "monitors")
+    __slots__ = ("num_tokens", "monitors", "report")
 
-    def __init__(self, num_tokens: int, monitors: list):
+    def __init__(self, num_tokens: int, monitors: list, report: Message):
         self.num_tokens = num_tokens
         self.monitors = monitors  # (ActiveRequest, batch start, count, first position, num prompt)
+        self.report = report  # admissions and failures of this step
 
 
 def _build_tables(runner) -> SteeringTables | None:
@@ -79,7 +104,9 @@ def _build_tables(runner) -> SteeringTables | None:
         library,
         max_tokens=runner.max_num_tokens,
         max_slots=2 * runner.max_num_reqs,
-        max_columns=int(os.environ.get("PERSONAVEC_MAX_LIBRARY", "64")),
+        # The live library is capped at PERSONAVEC_MAX_LIBRARY (in the front end); twice as many
+        # columns leave room for the older versions that running requests still hold.
+        max_columns=2 * int(os.environ.get("PERSONAVEC_MAX_LIBRARY", "64")),
         device=runner.device,
         dtype=runner.model_config.dtype,
     )
@@ -98,6 +125,25 @@ def _publisher() -> ResultRouter | None:
     return ResultRouter() if get_tensor_model_parallel_rank() == 0 else None
 
 
+def _admit(runner, tables: SteeringTables, req_id: str, batch_ids: set[str], report: Message):
+    """Admit one request to the tables; a failure fails that request alone (reported)."""
+    extra = _extra_args(runner.requests[req_id])
+    publisher = getattr(runner, "_personavec_publisher", None)
+    key = _request_key(extra, req_id)
+    if publisher is not None and RESOLVED_KEY in extra:
+        publisher.route(key, extra.get(REPLY_TO_KEY))
+    try:
+        state = tables.admit(req_id, _spec_of(extra), batch_ids)
+    except Exception as exc:  # noqa: BLE001 - contain it: this request fails, the engine steps on
+        logger.error("personavec: request %s cannot be steered or monitored: %s", req_id, exc)
+        tables.requests[req_id] = None  # runs plain until the front end aborts it
+        report.failed.append((key, req_id, f"personavec: the worker could not serve this request: {exc}"))
+        return None
+    if state is not None:
+        report.admitted.append(key)
+    return state
+
+
 def plan_step(runner, num_scheduled_tokens) -> StepPlan | None:
     tables = op.TABLES
     if tables is None:
@@ -107,6 +153,7 @@ def plan_step(runner, num_scheduled_tokens) -> StepPlan | None:
     spans, monitors = [], []
     steer_layers: set[int] = set()
     capture_layers: set[int] = set()
+    report = Message()
     batch_ids = None
     start = 0
     for i, req_id in enumerate(req_ids):
@@ -115,11 +162,7 @@ def plan_step(runner, num_scheduled_tokens) -> StepPlan | None:
             state = tables.requests[req_id]
         else:
             batch_ids = batch_ids or set(req_ids)
-            state = tables.admit(req_id, _spec_of(runner.requests[req_id]), batch_ids)
-            publisher = getattr(runner, "_personavec_publisher", None)
-            if state is not None and state.monitor and publisher is not None:
-                extra = getattr(runner.requests[req_id].sampling_params, "extra_args", None) or {}
-                publisher.route(state.spec.request_key, extra.get(REPLY_TO_KEY))
+            state = _admit(runner, tables, req_id, batch_ids, report)
         if state is not None:
             first = int(batch.num_computed_tokens_cpu[i])
             num_prompt = int(batch.num_prompt_tokens[i])
@@ -132,14 +175,17 @@ def plan_step(runner, num_scheduled_tokens) -> StepPlan | None:
         start += count
     tables.set_token_rows(spans, start)
     tables.set_active_layers(steer_layers, capture_layers)
-    return StepPlan(start, monitors) if monitors else None
+    return StepPlan(start, monitors, report) if monitors or report else None
 
 
 def read_projections(tables: SteeringTables, plan: StepPlan) -> Message:
+    """The step's report: its admissions and failures, and the projections of monitored requests."""
+    message = plan.report
+    if not plan.monitors:
+        return message
     layers = sorted({layer for state, *_ in plan.monitors for _, layer, _ in state.monitor})
     index = {layer: i for i, layer in enumerate(layers)}
     proj = tables.proj[layers, : plan.num_tokens].cpu().numpy()  # one device->host copy
-    message = Message()
     for state, start, count, first, num_prompt in plan.monitors:
         lo = max(first, num_prompt - 1)  # first response position in this span
         tokens = slice(start + lo - first, start + count)
@@ -188,9 +234,13 @@ def install_runner_hooks() -> None:
         if tables is not None and scheduler_output.finished_req_ids:
             done = []
             for req_id in scheduler_output.finished_req_ids:
+                known = req_id in tables.requests
                 state = tables.release(req_id)
-                if state is not None and state.monitor:
+                if state is not None:
                     done.append(state.spec.request_key)
+                elif known:  # plain, or failed: the front end may still wait on a failed one
+                    key = _request_key(_extra_args(self.requests.get(req_id)), req_id)
+                    done.append(key)
             if done and self._personavec_publisher is not None:
                 self._personavec_publisher.send(Message(done=done))
         return orig_update(self, scheduler_output)

@@ -4,7 +4,11 @@ The custom op (`op.py`) only ever reads these buffers; the runner hook (`runner.
 their contents in place before each forward. Nothing changes shape after start-up, so
 torch.compile and CUDA graphs see one fixed graph (the LoRA `token_lora_indices` pattern):
 
-- `lib[L, c]`   vector column `c` at layer `L` (raw), `unit[L, c]` the same normalised.
+- `lib[L, c]`   vector column `c` at layer `L` (raw), `unit[L, c]` the same normalised. A column
+  holds one version of one vector. Columns are bounded (`max_columns`), like vLLM's LoRA slots:
+  a column that no active request holds stays loaded (idle) until its slot is needed, then the
+  least recently used idle column is evicted. Only a table whose every column is held by a
+  running request is full, and then the request that needs one more fails alone.
 - `coef[L, r, c]` coefficient of column `c` for table row `r` at layer `L`. Row 0 is all
   zeros: padding, dummy runs and plain requests read it. Each steered request owns three rows,
   one per token phase (prompt before the last token / last prompt token / generated token),
@@ -15,7 +19,9 @@ torch.compile and CUDA graphs see one fixed graph (the LoRA `token_lora_indices`
 
 from __future__ import annotations
 
+import heapq
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +38,14 @@ PHASES = {"all": (PROMPT, LAST_PROMPT, GENERATED), "prompt": (PROMPT, LAST_PROMP
 ROWS_PER_SLOT = 3
 
 
+class TableFull(RuntimeError):
+    """Every vector column is held by a running request."""
+
+
+class VectorUnavailable(RuntimeError):
+    """The version of a vector a request was admitted with cannot be found any more."""
+
+
 @dataclass
 class ActiveRequest:
     """A persona request admitted to the tables."""
@@ -40,6 +54,7 @@ class ActiveRequest:
     slot: int | None  # owns rows 1 + 3*slot + phase; None when it only monitors
     steer_layers: frozenset[int]
     monitor: list[tuple[str, int, int]] = field(default_factory=list)  # (vector, layer, column)
+    columns: tuple[int, ...] = ()  # the columns it holds
 
 
 class SteeringTables:
@@ -73,75 +88,116 @@ class SteeringTables:
         # Host-side switches read by the op outside CUDA-graph capture: skip idle layers.
         self.steer_active = [False] * n_layers
         self.capture_active = [False] * n_layers
-        self.columns: dict[str, int] = {}
-        self._column_source: dict[int, PersonaVector] = {}
+        self.columns: dict[tuple[str, str], int] = {}  # (vector, version) -> column
+        self._column_key: dict[int, tuple[str, str]] = {}
+        self._column_users = [0] * max_columns
+        self._idle: OrderedDict[int, None] = OrderedDict()  # loaded, held by nobody; oldest first
+        self._free_columns = list(range(max_columns))  # a heap: the lowest free column first
+        self.active_columns = 0  # columns >= this are empty: the op reads only [0, active_columns)
         self.requests: dict[str, ActiveRequest | None] = {}  # vLLM req id -> state (None: plain)
         self._free_slots = list(range(max_slots - 1, -1, -1))
         self._slot_owner: dict[int, str] = {}
-        for name in library.names():
-            self.column(name)
+        for name in library.names()[:max_columns]:  # warm start: the library, loaded and idle
+            vector = library.get(name)
+            if vector is not None:
+                self._idle[self.column(name, vector.version)] = None
 
     # ---- vector columns -------------------------------------------------------------
-    def column(self, name: str) -> int:
-        """Column of vector `name`, loading it (or its changed file) into the tables."""
-        vector = self.library.get(name)
-        if vector is None:
-            raise KeyError(f"unknown persona vector {name!r}")
-        col = self.columns.get(name)
-        if col is not None and self._column_source[col] is vector:
+    def column(self, name: str, version: str) -> int:
+        """Column holding vector `name` at `version`, loading it if needed (evicting the least
+        recently used idle column when none is free). Raises `VectorUnavailable`, `TableFull`."""
+        key = (name, version)
+        col = self.columns.get(key)
+        if col is not None:
             return col
-        if col is None:
-            if len(self.columns) >= self.max_columns:
-                raise RuntimeError(
-                    f"vector table is full ({self.max_columns} vectors); raise PERSONAVEC_MAX_LIBRARY"
-                )
-            col = len(self.columns)
-            self.columns[name] = col
+        vector = self.library.vector_at(name, version)
+        if vector is None:
+            raise VectorUnavailable(f"vector {name!r} at version {version} is no longer in the library")
+        if self._free_columns:
+            col = heapq.heappop(self._free_columns)
+        elif self._idle:
+            col, _ = self._idle.popitem(last=False)
+            del self.columns[self._column_key.pop(col)]
+        else:
+            raise TableFull(
+                f"all {self.max_columns} vector columns are held by running requests; "
+                "raise PERSONAVEC_MAX_LIBRARY or retry"
+            )
         vecs = vector.vectors.to(self.device)
         self.lib[:, col] = vecs
         norms = vecs.norm(dim=1, keepdim=True)
         self.unit[:, col] = torch.where(norms > 0, vecs / norms.clamp_min(1e-30), torch.zeros_like(vecs))
-        self._column_source[col] = vector
+        self.columns[key] = col
+        self._column_key[col] = key
+        self.active_columns = max(self.active_columns, col + 1)
+        self._idle[col] = None  # loaded, not yet held
         return col
+
+    def _hold(self, col: int) -> None:
+        self._column_users[col] += 1
+        self._idle.pop(col, None)
+
+    def _unhold(self, col: int) -> None:
+        self._column_users[col] -= 1
+        if self._column_users[col] == 0:
+            self._idle[col] = None  # most recently used idle column
+
+    def column_of(self, name: str, version: str) -> int | None:
+        return self.columns.get((name, version))
 
     # ---- request admission ------------------------------------------------------------
     def admit(self, req_id: str, spec: PersonaSpec | None, batch_req_ids: set[str]) -> ActiveRequest | None:
+        """Take a request into the tables: hold the columns of the vector versions it was
+        admitted with, and (if it steers) a slot of coefficient rows. On any error nothing is
+        held and the request is recorded as plain."""
+        self.requests[req_id] = None
         if spec is None or spec.is_empty:
-            self.requests[req_id] = None
             return None
-        if any(self.library.version(name) != version for name, version in spec.versions):
-            self.library.refresh()  # a vector file was added or replaced since we read the directory
-        slot = self._take_slot(req_id, batch_req_ids) if spec.steer else None
+        versions = dict(spec.versions)
+        held: list[int] = []
+        try:
+            cols = {}
+            for name in dict.fromkeys([t.vector for t in spec.steer] + [t.vector for t in spec.monitor]):
+                if name not in versions:
+                    raise VectorUnavailable(f"the request names vector {name!r} without its version")
+                cols[name] = col = self.column(name, versions[name])
+                self._hold(col)
+                held.append(col)
+            slot = self._take_slot(req_id, batch_req_ids) if spec.steer else None
+        except BaseException:
+            for col in held:
+                self._unhold(col)
+            raise
         steer_layers: set[int] = set()
         if slot is not None:
             base = 1 + ROWS_PER_SLOT * slot
             for term in spec.steer:
-                col = self.column(term.vector)
                 for layer in term.layers:
                     for phase in PHASES[term.positions]:
-                        self.coef[layer, base + phase, col] += term.coeff
+                        self.coef[layer, base + phase, cols[term.vector]] += term.coeff
                 steer_layers.update(term.layers)
-        monitor = [(t.vector, layer, self.column(t.vector)) for t in spec.monitor for layer in t.layers]
-        state = ActiveRequest(spec, slot, frozenset(steer_layers), monitor)
+        monitor = [(t.vector, layer, cols[t.vector]) for t in spec.monitor for layer in t.layers]
+        state = ActiveRequest(spec, slot, frozenset(steer_layers), monitor, tuple(held))
         self.requests[req_id] = state
         return state
 
     def release(self, req_id: str) -> ActiveRequest | None:
         state = self.requests.pop(req_id, None)
-        if state is not None and state.slot is not None:
-            self._clear_slot(state.slot)
+        if state is not None:
+            if state.slot is not None:
+                self._clear_slot(state.slot)
+            for col in state.columns:
+                self._unhold(col)
         return state
 
     def _take_slot(self, req_id: str, batch_req_ids: set[str]) -> int:
         if not self._free_slots:
             # Slots of requests not in this batch (preempted/paused) are reclaimed; such a
             # request is re-admitted from its spec when it is scheduled again.
-            for slot, owner in list(self._slot_owner.items()):
-                if owner not in batch_req_ids:
-                    self.requests.pop(owner, None)
-                    self._clear_slot(slot)
+            for owner in [o for o in self._slot_owner.values() if o not in batch_req_ids]:
+                self.release(owner)
         if not self._free_slots:
-            raise RuntimeError(f"more than {self.max_slots} steered requests in one batch")
+            raise TableFull(f"more than {self.max_slots} steered requests in one batch")
         slot = self._free_slots.pop()
         self._slot_owner[slot] = req_id
         return slot

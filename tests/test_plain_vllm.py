@@ -1,0 +1,54 @@
+"""Installing personavec must not change what plain vLLM does (issue #12, item 10).
+
+On CUDA, vLLM 0.32 runs dense models on its V2 model runner, which personavec does not hook. The
+plugin used to raise in every `InputProcessor.__init__` there, so that no vLLM engine in the
+environment could start. Now plain requests are served as usual and only persona requests are
+refused, naming the fix. The CPU build cannot configure V2 (it needs Triton), so the check builds
+a real engine config, then switches V2 on the way a CUDA default does (vLLM reads the setting when
+asked), and drives a real `InputProcessor` with the plugin loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = r"""
+import os, sys
+from vllm.plugins import load_general_plugins
+load_general_plugins()
+from vllm import SamplingParams
+from vllm.engine.arg_utils import EngineArgs
+from vllm.exceptions import VLLMValidationError
+from vllm.v1.engine.input_processor import InputProcessor
+from personavec_vllm.offline import persona_params
+
+config = EngineArgs(model=sys.argv[1], dtype="float32", max_model_len=256).create_engine_config()
+os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
+assert config.use_v2_model_runner
+processor = InputProcessor(config)
+request = processor.process_inputs("plain", "hello there", SamplingParams(max_tokens=2), supported_tasks=("generate",))
+print("PLAIN", request.request_id, list(request.sampling_params.extra_args or {}))
+try:
+    processor.process_inputs("persona", "hello", persona_params(SamplingParams(max_tokens=2), monitor=True),
+                             supported_tasks=("generate",))
+except VLLMValidationError as exc:
+    print("REFUSED", exc)
+"""
+
+
+def test_v2_model_runner_serves_plain_requests_and_refuses_persona(tiny_llama, tmp_path):
+    env = {**os.environ, "VLLM_PLUGINS": "personavec"}
+    env.pop("VLLM_USE_V2_MODEL_RUNNER", None)
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_llama)], capture_output=True, text=True,
+                         env=env, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert "PLAIN plain []" in lines, out.stdout
+    refused = next(line for line in lines if line.startswith("REFUSED"))
+    assert "V2" in refused and "VLLM_USE_V2_MODEL_RUNNER=0" in refused

@@ -179,6 +179,8 @@ def completion_route(original, request_model):
             from fastapi.exceptions import RequestValidationError
 
             raise RequestValidationError(exc.errors()) from exc
+        except Exception as exc:  # noqa: BLE001 - a validator that crashed on odd input (vLLM's own)
+            return error_response(400, f"request body is invalid: {exc}")
         if persona is None:
             return await original(request, raw_request)
         admission = ADMISSIONS.open(persona.spec)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -31,32 +30,29 @@ PROMPTS = [
 
 
 def main(argv=None) -> int:
+    from personavec_vllm.data import vectors_dir
     from personavec_vllm.models import DEFAULT_MODEL_NAME
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--vectors", default=str(ROOT / "vectors" / DEFAULT_MODEL_NAME))
+    p.add_argument("--vectors", default=str(vectors_dir(DEFAULT_MODEL_NAME)))
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--out", default=str(ROOT / "examples" / "results" / "ordinary_traffic"))
     args = p.parse_args(argv)
 
     import numpy as np
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    from personavec_vllm.deploy import load_library, thresholds
+    from personavec_vllm.engine.offline import make_llm, persona_params, projections, shutdown
     from personavec_vllm.models import resolve_model
-    from personavec_vllm.offline import persona_params, projections, use_vectors
-    from personavec_vllm.testing import shutdown_llm
+    from personavec_vllm.ops.rules import load_library, thresholds
 
-    use_vectors(args.vectors)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    llm = LLM(model=str(resolve_model(None)), dtype="float32", seed=0, max_model_len=1024,
-              gpu_memory_utilization=0.3, enforce_eager=True)
+    llm = make_llm(resolve_model(None), vectors=args.vectors, max_model_len=1024, enforce_eager=True)
     try:
         params = persona_params(SamplingParams(max_tokens=args.max_tokens, temperature=0.0), monitor=True)
         outputs = llm.chat([[{"role": "user", "content": q}] for q in PROMPTS], params)
         replies = [(out.outputs[0].text, projections(out)) for out in outputs]
     finally:
-        shutdown_llm(llm)
+        shutdown(llm)
 
     rows = []
     for vector in load_library(args.vectors):
@@ -65,19 +61,40 @@ def main(argv=None) -> int:
             continue
         values = [proj[vector.name][t.layer].response_mean for _, proj in replies]
         mean = float(np.mean(values))
-        rows.append({"vector": vector.name, "layer": t.layer, "mean": round(mean, 2), "max": round(float(np.max(values)), 2),
-                     "warning": round(t.warning, 2), "critical": round(t.critical, 2), "fires": mean > t.warning})
-    lines = ["| vector | layer | mean reply projection (max) | warning | critical | warning fires |",
-             "|---|---:|---:|---:|---:|---|"]
-    lines += [f"| {r['vector']} | {r['layer']} | {r['mean']} ({r['max']}) | {r['warning']} | {r['critical']} | "
-              f"{'yes' if r['fires'] else 'no'} |" for r in rows]
+        rows.append(
+            {
+                "vector": vector.name,
+                "layer": t.layer,
+                "mean": round(mean, 2),
+                "max": round(float(np.max(values)), 2),
+                "warning": round(t.warning, 2),
+                "critical": round(t.critical, 2),
+                "fires": mean > t.warning,
+            }
+        )
+    lines = [
+        "| vector | layer | mean reply projection (max) | warning | critical | warning fires |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    lines += [
+        f"| {r['vector']} | {r['layer']} | {r['mean']} ({r['max']}) | {r['warning']} | {r['critical']} | "
+        f"{'yes' if r['fires'] else 'no'} |"
+        for r in rows
+    ]
     table = "\n".join(lines)
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"prompts": PROMPTS, "replies": [text for text, _ in replies],
-                                                    "max_tokens": args.max_tokens, "rows": rows}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(f"# Ordinary traffic against the drift thresholds\n\n`{' '.join(sys.argv)}`\n\n{table}\n")
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {"prompts": PROMPTS, "replies": [text for text, _ in replies], "max_tokens": args.max_tokens, "rows": rows},
+            indent=2,
+        )
+        + "\n"
+    )
+    out.with_suffix(".md").write_text(
+        f"# Ordinary traffic against the drift thresholds\n\n`{' '.join(sys.argv)}`\n\n{table}\n"
+    )
     return 1 if any(r["fires"] for r in rows) else 0
 
 

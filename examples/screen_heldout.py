@@ -19,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from personavec_vllm.extract.pipeline import roc_auc
+from personavec_vllm.data import vectors_dir
+from personavec_vllm.library import load_vectors
 from personavec_vllm.models import DEFAULT_MODEL_NAME, resolve_model
-from personavec_vllm.screen import ScreenSettings, load_vectors, read_dataset, screen_dataset
+from personavec_vllm.projection import roc_auc
+from personavec_vllm.screen import ScreenSettings, read_dataset, screen_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trait", default="evil")
-    p.add_argument("--vectors", default=str(ROOT / "vectors" / DEFAULT_MODEL_NAME))
+    p.add_argument("--vectors", default=str(vectors_dir(DEFAULT_MODEL_NAME)))
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "screen_heldout"))
@@ -42,14 +44,16 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data.jsonl"
-    data.write_text("".join(json.dumps({"prompt": r["question"], "response": r["text"]}) + "\n" for r in rows),
-                    encoding="utf-8")
+    data.write_text(
+        "".join(json.dumps({"prompt": r["question"], "response": r["text"]}) + "\n" for r in rows), encoding="utf-8"
+    )
     labels = {i + 1: bool(r["positive"]) for i, r in enumerate(rows)}  # line -> written under the evil prompt
 
     vectors = load_vectors([args.vectors], [args.trait])
     settings = ScreenSettings(max_tokens=args.max_tokens, batch_size=args.batch_size)
-    result = screen_dataset(read_dataset(data), vectors, resolve_model(None), out / "screen", settings,
-                            restart=args.restart)
+    result = screen_dataset(
+        read_dataset(data), vectors, resolve_model(None), out / "screen", settings, restart=args.restart
+    )
     name = vectors[0].name
     dp = {r["line"]: r["dP"][name] for r in result.records}
     pos = np.array([v for line, v in dp.items() if labels[line]])
@@ -57,11 +61,16 @@ def main(argv=None) -> int:
     top = [r["line"] for r in result.summary["review"][name][:10]]
     report = {
         "source": str(source.relative_to(ROOT) if source.is_relative_to(ROOT) else source),
-        "samples": len(rows), "vector": name, "layer": result.summary["vectors"][name]["layer"],
+        "samples": len(rows),
+        "vector": name,
+        "layer": result.summary["vectors"][name]["layer"],
         "mean_dP": result.summary["vectors"][name]["mean_dP"],
-        "mean_dP_evil_prompt": float(pos.mean()), "mean_dP_other_prompt": float(neg.mean()),
-        "auc": roc_auc(pos, neg), "evil_in_top10": sum(labels[line] for line in top),
-        "computed": result.computed, "seconds": round(result.seconds, 1),
+        "mean_dP_evil_prompt": float(pos.mean()),
+        "mean_dP_other_prompt": float(neg.mean()),
+        "auc": roc_auc(pos, neg),
+        "evil_in_top10": sum(labels[line] for line in top),
+        "computed": result.computed,
+        "seconds": round(result.seconds, 1),
         "engine_start_seconds": round(result.startup_seconds, 1),
         "samples_per_second": round(result.computed / result.seconds, 3) if result.computed else None,
         "settings": {"batch_size": args.batch_size, "max_tokens": args.max_tokens, "temperature": 0.0},

@@ -66,13 +66,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from personavec_vllm.files import atomic_output
 from personavec_vllm.vectors import PersonaVector, VectorFileError
 
 ARCH = "controlvector"
@@ -102,14 +102,13 @@ def direction_to_row(index: int) -> int:
 def _parse_layers(layers: Iterable[int] | None, num_layers: int) -> list[int]:
     if layers is None:
         return list(range(2, num_layers + 1))
-    rows = sorted(set(int(x) for x in layers))
+    rows = sorted({int(x) for x in layers})
     if not rows:
         raise GGUFInteropError("no layers to export (layers is empty)")
     bad = [r for r in rows if not 1 <= r <= num_layers]
     if bad:
         raise GGUFInteropError(
-            f"layers {bad} are outside 1..{num_layers} (row L = residual stream after decoder "
-            f"layer L-1)"
+            f"layers {bad} are outside 1..{num_layers} (row L = residual stream after decoder layer L-1)"
         )
     if rows[0] == 1:
         raise GGUFInteropError(
@@ -151,10 +150,8 @@ def export_gguf(
     if not np.isfinite(data).all():
         raise GGUFInteropError(f"coeff {coeff} overflows float32")
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, ARCH)  # sets general.architecture
+    with atomic_output(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), ARCH)  # sets general.architecture
         writer.add_string(KEY_MODEL_HINT, model_hint if model_hint is not None else vector.model)
         writer.add_uint32(KEY_LAYER_COUNT, len(rows))
         writer.add_string(PREFIX + "name", vector.name)
@@ -172,10 +169,6 @@ def export_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -185,7 +178,7 @@ def _field(reader, key: str):
         return None
     try:
         return field.contents()
-    except Exception:  # noqa: BLE001 - a malformed value counts as absent
+    except Exception:
         return None
 
 
@@ -216,15 +209,14 @@ def import_gguf(
         raise GGUFInteropError(f"{path}: no such file")
     try:
         reader = gguf.GGUFReader(path)
-    except Exception as exc:  # noqa: BLE001 - the reader raises several types on bad input
+    except Exception as exc:
         raise GGUFInteropError(f"{path}: not a readable GGUF file ({exc})") from exc
 
     arch = _field(reader, KEY_ARCH)
     if arch != ARCH:
         what = "has no general.architecture" if arch is None else f"has general.architecture {arch!r}"
         raise GGUFInteropError(
-            f"{path}: not a control-vector GGUF: it {what}, expected {ARCH!r} "
-            "(a model GGUF is not a control vector)"
+            f"{path}: not a control-vector GGUF: it {what}, expected {ARCH!r} (a model GGUF is not a control vector)"
         )
 
     directions: dict[int, np.ndarray] = {}
@@ -233,19 +225,15 @@ def import_gguf(
         match = DIRECTION_PATTERN.match(tensor.name)
         if match is None:
             raise GGUFInteropError(
-                f"{path}: tensor {tensor.name!r} is not named direction.<layer> (llama.cpp "
-                "refuses such files too)"
+                f"{path}: tensor {tensor.name!r} is not named direction.<layer> (llama.cpp refuses such files too)"
             )
         ttype = gguf.GGMLQuantizationType(tensor.tensor_type).name
         if ttype not in _FLOAT_TYPES:
-            raise GGUFInteropError(
-                f"{path}: tensor {tensor.name!r} has type {ttype}; expected F32 (or F16/F64)"
-            )
+            raise GGUFInteropError(f"{path}: tensor {tensor.name!r} has type {ttype}; expected F32 (or F16/F64)")
         shape = [int(s) for s in tensor.shape]
         if len(shape) != 1:
             raise GGUFInteropError(
-                f"{path}: tensor {tensor.name!r} has shape {shape}; a direction must be 1-D "
-                "[hidden_size]"
+                f"{path}: tensor {tensor.name!r} has shape {shape}; a direction must be 1-D [hidden_size]"
             )
         if shape[0] < 1:
             raise GGUFInteropError(f"{path}: tensor {tensor.name!r} is empty")
@@ -253,8 +241,7 @@ def import_gguf(
             hidden = shape[0]
         elif shape[0] != hidden:
             raise GGUFInteropError(
-                f"{path}: tensor {tensor.name!r} has {shape[0]} elements but earlier directions "
-                f"have {hidden}"
+                f"{path}: tensor {tensor.name!r} has {shape[0]} elements but earlier directions have {hidden}"
             )
         values = np.asarray(tensor.data, dtype=np.float32).reshape(-1)
         row = direction_to_row(int(match.group(1)))
@@ -274,16 +261,14 @@ def import_gguf(
             f"{max(directions)} decoder layers, but num_layers is {num_layers}"
         )
 
-    tensor = torch.zeros(num_layers + 1, hidden, dtype=torch.float32)
+    rows = torch.zeros(num_layers + 1, int(hidden or 0), dtype=torch.float32)
     for row, values in directions.items():
-        tensor[row] = torch.from_numpy(values)
+        rows[row] = torch.from_numpy(values)
 
     present = sorted(directions)
     if layer is None:
         stored = _field(reader, PREFIX + "layer")
-        layer = stored if isinstance(stored, int) and stored in directions else present[
-            (len(present) - 1) // 2
-        ]
+        layer = stored if isinstance(stored, int) and stored in directions else present[(len(present) - 1) // 2]
     elif layer not in directions:
         raise GGUFInteropError(
             f"{path}: recommended layer {layer} has no direction in the file (present layers: "
@@ -300,7 +285,7 @@ def import_gguf(
     method = _field(reader, PREFIX + "method")
     return PersonaVector(
         name=name,
-        vectors=tensor,
+        vectors=rows,
         trait=trait,
         model=model,
         layer=int(layer),

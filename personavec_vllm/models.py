@@ -79,9 +79,7 @@ def cache_dir() -> Path:
     return root.resolve()
 
 
-def is_complete(
-    path: str | os.PathLike, version: int | None = None, expect: dict | None = None
-) -> bool:
+def is_complete(path: str | os.PathLike, version: int | None = None, expect: dict | None = None) -> bool:
     """True when `path` is a finished build: it has the completion marker, of `version`
     if given, whose recorded fields match `expect` if given."""
     marker = Path(path) / MARKER_NAME
@@ -113,7 +111,7 @@ def _make_readable(folder: Path) -> None:
     """mkdtemp makes 0700 folders; give the build the usual umask-based permissions."""
     umask = os.umask(0)
     os.umask(umask)
-    for root, dirs, files in os.walk(folder):
+    for root, _dirs, files in os.walk(folder):
         os.chmod(root, 0o777 & ~umask)
         for name in files:
             os.chmod(os.path.join(root, name), 0o666 & ~umask)
@@ -187,7 +185,7 @@ def gguf_path() -> Path:
         dist = importlib.metadata.distribution(GGUF_DISTRIBUTION)
         for f in dist.files or ():
             if f.name == GGUF_FILENAME:
-                candidates.append(Path(dist.locate_file(f)))
+                candidates.append(Path(str(dist.locate_file(f))))
     except importlib.metadata.PackageNotFoundError:
         pass
     for c in candidates:
@@ -294,9 +292,7 @@ def _check_converted(out_dir: Path) -> None:
         problems.append(f"encode prepends {tok.convert_ids_to_tokens(ids[0])!r}")
     if tok.convert_ids_to_tokens(ids) != ["Hello", "ĠĠ", "1", "2", "Ġworld"]:
         problems.append(f"unexpected tokenization {tok.convert_ids_to_tokens(ids)}")
-    prompt = tok.apply_chat_template(
-        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
-    )
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     want = (
         f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n"
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
@@ -325,13 +321,11 @@ def convert_gguf_to_hf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     _fix_tokenizer(tokenizer)
     _log("[2/4] de-quantizing weights to float32")
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
     # transformers refuses to save a model loaded from GGUF ("The model is quantized with
     # QuantizationMethod.GGUF and is not serializable"); the weights are plain float32
     # tensors by now, so drop the quantizer and its config section.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = DEFAULT_MODEL_NAME

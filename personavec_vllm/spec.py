@@ -12,14 +12,15 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from personavec_vllm import EXTRA_ARGS_KEY
-from personavec_vllm.vectors import PersonaVector, VectorLibrary
+from personavec_vllm import config
+from personavec_vllm.config import EXTRA_ARGS_KEY
+from personavec_vllm.library import VectorLibrary
+from personavec_vllm.vectors import PersonaVector
 
 Positions = Literal["all", "prompt", "response"]
 POSITIONS: tuple[str, ...] = ("all", "prompt", "response")
@@ -41,14 +42,14 @@ REJECT_REASONS = (
 class Limits:
     """Operator bounds on what one request may ask for."""
 
-    max_abs_coeff: float = 50.0
-    max_vectors: int = 8
+    max_abs_coeff: float = float(config.DEFAULTS[config.MAX_COEFF])
+    max_vectors: int = int(config.DEFAULTS[config.MAX_VECTORS])
 
     @classmethod
-    def from_env(cls) -> "Limits":
+    def from_env(cls) -> Limits:
         return cls(
-            max_abs_coeff=float(os.environ.get("PERSONAVEC_MAX_COEFF", cls.max_abs_coeff)),
-            max_vectors=int(os.environ.get("PERSONAVEC_MAX_VECTORS", cls.max_vectors)),
+            max_abs_coeff=config.get_float(config.MAX_COEFF),
+            max_vectors=config.get_int(config.MAX_VECTORS),
         )
 
 
@@ -112,7 +113,7 @@ class PersonaSpec:
         return out
 
     @classmethod
-    def from_dict(cls, data: Any) -> "PersonaSpec":
+    def from_dict(cls, data: Any) -> PersonaSpec:
         """Read the resolved form written by `to_dict` (in the worker). The front end wrote it,
         but it is still checked for shape: a malformed one raises `PersonaSpecError`, which fails
         that request only."""
@@ -127,8 +128,9 @@ class PersonaSpec:
                 for name, layers in monitor_data.get("vectors", {}).items()
             )
             versions = tuple((str(k), str(v)) for k, v in data.get("vector_versions", {}).items())
-            spec = cls(steer, monitor, bool(monitor_data.get("per_token", False)), str(data.get("request_key", "")),
-                       versions)
+            spec = cls(
+                steer, monitor, bool(monitor_data.get("per_token", False)), str(data.get("request_key", "")), versions
+            )
         except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as exc:
             raise PersonaSpecError("personavec", "internal_field", f"malformed resolved spec ({exc!r})") from None
         if any(t.positions not in POSITIONS or not math.isfinite(t.coeff) for t in steer):
@@ -144,12 +146,15 @@ class PersonaSpec:
             return None
         versions = dict(self.versions)
         canonical = json.dumps(
-            {"steer": self.to_dict()["persona_steer"], "versions": {t.vector: versions.get(t.vector) for t in self.steer}},
+            {
+                "steer": self.to_dict()["persona_steer"],
+                "versions": {t.vector: versions.get(t.vector) for t in self.steer},
+            },
             sort_keys=True,
         )
         return "personavec:" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
-    def with_key(self, request_key: str) -> "PersonaSpec":
+    def with_key(self, request_key: str) -> PersonaSpec:
         return dataclasses.replace(self, request_key=request_key)
 
 
@@ -213,9 +218,7 @@ def _parse_steer(
     if not isinstance(raw, list):
         raise PersonaSpecError(field, "bad_type", "must be a list of {vector, coeff, layers, positions}")
     if len(raw) > limits.max_vectors:
-        raise PersonaSpecError(
-            field, "too_many_vectors", f"{len(raw)} terms; at most {limits.max_vectors} per request"
-        )
+        raise PersonaSpecError(field, "too_many_vectors", f"{len(raw)} terms; at most {limits.max_vectors} per request")
     terms = []
     for i, item in enumerate(raw):
         f = field if single else f"{field}[{i}]"
@@ -289,7 +292,10 @@ def _parse_monitor(
 
 
 def parse_spec(
-    persona_steer: Any, persona_monitor: Any, library: VectorLibrary, limits: Limits | None = None,
+    persona_steer: Any,
+    persona_monitor: Any,
+    library: VectorLibrary,
+    limits: Limits | None = None,
     request_key: str | None = None,
 ) -> PersonaSpec:
     """Validate user input and resolve defaults. Raises `PersonaSpecError` naming the field."""
@@ -302,7 +308,9 @@ def parse_spec(
 
 
 def parse_extra_args(
-    extra_args: dict[str, Any] | None, library: VectorLibrary, limits: Limits | None = None,
+    extra_args: dict[str, Any] | None,
+    library: VectorLibrary,
+    limits: Limits | None = None,
     default_key: str | None = None,
 ) -> PersonaSpec | None:
     """The spec under `extra_args["personavec"]`, validated; None when the request has none."""

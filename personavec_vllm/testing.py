@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from personavec_vllm.models import atomic_build, default_model_path
 
@@ -46,7 +47,7 @@ def _tiny_config(
     import torch
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -155,12 +156,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def shutdown_llm(llm) -> None:
-    """Stop a `vllm.LLM`'s engine core process now instead of at garbage collection."""
-    with contextlib.suppress(Exception):
-        llm.llm_engine.engine_core.shutdown()
-
-
 def http_json(url: str, payload: dict | None = None, timeout: float = 120.0):
     """GET (or POST `payload` as JSON) and decode the JSON answer."""
     data = None if payload is None else json.dumps(payload).encode()
@@ -197,10 +192,9 @@ class ServerProcess:
         """Pids of the group whose command line (vLLM sets process titles) contains `title`."""
         found = []
         for pid in self.group_pids():
-            with contextlib.suppress(OSError):
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if title.encode() in f.read():
-                        found.append(pid)
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+                if title.encode() in f.read():
+                    found.append(pid)
         return found
 
 
@@ -227,20 +221,30 @@ def server_process(
     log_path: str | os.PathLike,
     env: dict[str, str] | None = None,
     startup_timeout: float = 180.0,
+    python: str | None = None,
+    cwd: str | os.PathLike | None = None,
 ) -> Iterator[ServerProcess]:
-    """`run_server`, yielding the `ServerProcess`.
+    """`run_server`, yielding the `ServerProcess`; `python`: the interpreter to run it with
+    (default: this one), `cwd`: the folder to run it in.
 
     Raises `RuntimeError` with the end of the server log if the server exits or does not
     become healthy within `startup_timeout` seconds.
     """
     log_path = Path(log_path)
-    cmd = [sys.executable, "-m", "personavec_vllm.cli", "serve", *args,
-           "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [
+        python or sys.executable,
+        "-m",
+        "personavec_vllm.cli",
+        "serve",
+        *args,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     base = f"http://127.0.0.1:{port}"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=cwd)
     try:
         deadline = time.monotonic() + startup_timeout
         while True:
@@ -257,8 +261,7 @@ def server_process(
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"server not healthy after {startup_timeout:.0f} s; "
-                    f"log ({log_path}):\n{_tail(log_path)}"
+                    f"server not healthy after {startup_timeout:.0f} s; log ({log_path}):\n{_tail(log_path)}"
                 )
             time.sleep(1.0)
         yield ServerProcess(base, proc)

@@ -7,21 +7,19 @@ of decoder module `L-1`. String metadata in the safetensors header: `trait`, `mo
 `hidden_size`, `num_layers`, `layer` (recommended layer), `method`, `description`; any other
 string keys (e.g. projection statistics as JSON) are kept in `extra`.
 
-A vector library is a directory of such files; a vector's name is its file stem.
+A vector library is a directory of such files (`personavec_vllm.library`); a vector's name is
+its file stem.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import os
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Annotated, Any
 
 import torch
@@ -30,8 +28,6 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from personavec_vllm.files import atomic_write_bytes
-
-logger = logging.getLogger(__name__)
 
 TENSOR_NAME = "persona_vector"
 REQUIRED_METADATA = ("trait", "model", "hidden_size", "num_layers", "layer", "method", "description")
@@ -44,10 +40,6 @@ NAME_RULE = "1-64 characters of letters, digits, '_', '-', '.', starting with a 
 # hundred for real models. Norms are checked in float64, so that float32 overflow is caught.
 MAX_HEADER_BYTES = 1 << 20
 MAX_NORM = 1e6
-# Where the library keeps every version it has served, so that requests admitted with a version
-# keep it after the file is replaced or deleted (hidden: not part of the library listing).
-VERSIONS_DIR = ".versions"
-VERSION_RETENTION_S = 3600.0
 
 
 class VectorFileError(ValueError):
@@ -119,7 +111,7 @@ class PersonaVector:
     description: str = ""
     extra: dict[str, str] = field(default_factory=dict)
     _stats: VectorStats = field(init=False, repr=False, compare=False)
-    _version: list = field(init=False, repr=False, compare=False, default_factory=list)
+    _version: list[str] = field(init=False, repr=False, compare=False, default_factory=list)
 
     def __post_init__(self) -> None:
         if not is_valid_name(self.name):
@@ -178,12 +170,13 @@ class PersonaVector:
         }
 
     def norms(self) -> list[float]:
-        return self.vectors.norm(dim=1).tolist()
+        return [float(n) for n in self.vectors.norm(dim=1)]
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         """Projection statistics stored with the vector (JSON in metadata key `stats`), if any."""
         raw = self.extra.get("stats")
-        return json.loads(raw) if raw else {}
+        stats: dict[str, Any] = json.loads(raw) if raw else {}
+        return stats
 
     def projection_stats(self, layer: int) -> dict[str, float] | None:
         """Projection statistics at `layer` on the extraction's positive and negative answers:
@@ -206,18 +199,12 @@ class PersonaVector:
             )
 
 
-def unit_rows(vectors: torch.Tensor) -> torch.Tensor:
-    """`[L+1, H]` -> each row divided by its norm (zero rows stay zero)."""
-    vectors = vectors.float()
-    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
 def vector_bytes(vector: PersonaVector) -> bytes:
     """The vector as a `.safetensors` file's bytes."""
     return save_safetensors_bytes({TENSOR_NAME: vector.vectors.contiguous()}, metadata=vector.metadata())
 
 
-def save_vector(vector: PersonaVector, path: str | os.PathLike) -> Path:
+def save_vector(vector: PersonaVector, path: str | os.PathLike[str]) -> Path:
     """Write atomically (temp file + rename), so a reader never sees half a file."""
     return atomic_write_bytes(path, vector_bytes(vector))
 
@@ -247,7 +234,7 @@ def parse_vector(data: bytes, name: str, source: str = "upload") -> PersonaVecto
         raise VectorFileError(f"{source}: no tensor named {TENSOR_NAME!r}")
     try:
         tensor = load_safetensors_bytes(data)[TENSOR_NAME]
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several exception types
+    except Exception as exc:
         raise VectorFileError(f"{source}: not a readable safetensors file ({exc})") from None
     if not tensor.is_floating_point():
         raise VectorFileError(f"{source}: {TENSOR_NAME} must be floating point, got {tensor.dtype}")
@@ -267,241 +254,23 @@ def parse_vector(data: bytes, name: str, source: str = "upload") -> PersonaVecto
     extra = {k: v for k, v in metadata.items() if k not in REQUIRED_METADATA}
     try:
         return PersonaVector(
-            name=name, vectors=tensor.to(torch.float32), trait=metadata["trait"], model=metadata["model"],
-            layer=layer, method=metadata["method"], description=metadata["description"], extra=extra,
+            name=name,
+            vectors=tensor.to(torch.float32),
+            trait=metadata["trait"],
+            model=metadata["model"],
+            layer=layer,
+            method=metadata["method"],
+            description=metadata["description"],
+            extra=extra,
         )
     except VectorFileError as exc:
         raise VectorFileError(f"{source}: {exc}") from None
 
 
-def load_vector(path: str | os.PathLike, name: str | None = None) -> PersonaVector:
+def load_vector(path: str | os.PathLike[str], name: str | None = None) -> PersonaVector:
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise VectorFileError(f"{path}: cannot read ({exc.strerror})") from None
     return parse_vector(data, name or path.stem, source=str(path))
-
-
-@dataclass(frozen=True)
-class LibraryChange:
-    """What one `VectorLibrary.refresh` found: names added, replaced and removed."""
-
-    added: tuple[str, ...] = ()
-    changed: tuple[str, ...] = ()
-    removed: tuple[str, ...] = ()
-
-    def __bool__(self) -> bool:
-        return bool(self.added or self.changed or self.removed)
-
-
-class LibraryFull(VectorFileError):
-    """The library holds its maximum number of vectors."""
-
-
-class VectorLibrary:
-    """The vectors of one directory, checked against the served model's shape.
-
-    The directory is re-read when it changes (at most once a second on the request path, at once
-    after `install`/`remove`), so files added, replaced or removed by hand or by another process
-    are picked up. A file that is broken at start-up stops the start; one that breaks later is
-    left out (and listed in `problems`), never served, and never breaks the library for others.
-
-    With `keep_versions` (the process that owns the directory: the API server), every version
-    loaded is also kept, as a hard link under `.versions/`, for an hour after it stopped being
-    live: requests admitted with a version can still be served it after the file was replaced or
-    deleted (`vector_at`).
-    """
-
-    def __init__(
-        self,
-        directory: str | os.PathLike | None,
-        num_layers: int,
-        hidden_size: int,
-        *,
-        max_vectors: int | None = None,
-        keep_versions: bool = False,
-    ):
-        self.directory = Path(directory) if directory else None
-        self.num_layers = num_layers
-        self.hidden_size = hidden_size
-        self.max_vectors = max_vectors
-        self.keep_versions = keep_versions
-        self.problems: dict[str, str] = {}
-        # Called with every non-empty `LibraryChange` (e.g. to drop a removed vector's metrics).
-        self.listeners: list[Callable[[LibraryChange], None]] = []
-        self._vectors: dict[str, PersonaVector] = {}
-        self._files: dict[str, tuple[int, int]] = {}  # name -> (mtime_ns, size) of the loaded file
-        self._checked = 0.0
-        self._refresh(strict=True)
-        if max_vectors is not None and len(self._vectors) > max_vectors:
-            raise LibraryFull(
-                f"vector library {self.directory} holds {len(self._vectors)} vectors; at most {max_vectors} "
-                "(PERSONAVEC_MAX_LIBRARY) can be served"
-            )
-
-    # ---- reading ------------------------------------------------------------------------
-    def refresh(self) -> LibraryChange:
-        """Re-read the directory now: load new or changed files, drop vectors whose file went."""
-        return self._refresh(strict=False)
-
-    def maybe_refresh(self, interval_s: float = 1.0) -> LibraryChange:
-        """`refresh` at most once per `interval_s` (the request path calls this)."""
-        if time.monotonic() - self._checked < interval_s:
-            return LibraryChange()
-        return self._refresh(strict=False)
-
-    def _refresh(self, strict: bool) -> LibraryChange:
-        self._checked = time.monotonic()
-        if self.directory is None:
-            return LibraryChange()
-        if not self.directory.is_dir():
-            if strict:
-                raise VectorFileError(f"vector library {self.directory} is not a directory")
-            logger.error("personavec: vector library %s is not a directory any more", self.directory)
-            return LibraryChange()
-        added, changed, seen = [], [], set()
-        for path in sorted(self.directory.glob("*.safetensors")):
-            name = path.stem
-            try:
-                stat = path.stat()
-            except FileNotFoundError:
-                continue  # removed while we listed
-            seen.add(name)
-            stamp = (stat.st_mtime_ns, stat.st_size)
-            if self._files.get(name) == stamp:
-                continue
-            try:
-                vector = load_vector(path)
-                vector.check_fits(self.num_layers, self.hidden_size)
-            except VectorFileError as exc:
-                if strict:
-                    raise
-                if self.problems.get(name) != str(exc):
-                    logger.error("personavec: leaving out vector file %s: %s", path, exc)
-                self.problems[name] = str(exc)
-                self._files[name] = stamp
-                if self._vectors.pop(name, None) is not None:
-                    changed.append(name)
-                continue
-            self.problems.pop(name, None)
-            old = self._vectors.get(name)
-            if old is None or old.version != vector.version:
-                (added if old is None else changed).append(name)
-            self._vectors[name] = vector
-            self._files[name] = stamp
-            if self.keep_versions:
-                self._keep(path, vector)
-        removed = sorted(set(self._vectors) - seen)
-        for name in set(self._files) - seen:
-            self._files.pop(name)
-            self.problems.pop(name, None)
-        for name in removed:
-            del self._vectors[name]
-        change = LibraryChange(tuple(added), tuple(changed), tuple(removed))
-        if change:
-            if self.keep_versions:
-                self._forget_old_versions()
-            for listener in self.listeners:
-                listener(change)
-        return change
-
-    def _version_path(self, name: str, version: str) -> Path:
-        assert self.directory is not None
-        return self.directory / VERSIONS_DIR / f"{name}.{version}.safetensors"
-
-    def _keep(self, path: Path, vector: PersonaVector) -> None:
-        kept = self._version_path(vector.name, vector.version)
-        if kept.exists():
-            return
-        try:
-            kept.parent.mkdir(exist_ok=True)
-            os.link(path, kept)
-        except FileExistsError:
-            pass
-        except OSError as exc:  # read-only library, or a filesystem without hard links
-            logger.debug("personavec: cannot keep version %s of %s (%s)", vector.version, vector.name, exc)
-
-    def _forget_old_versions(self) -> None:
-        assert self.directory is not None
-        live = {(v.name, v.version) for v in self._vectors.values()}
-        cutoff = time.time() - VERSION_RETENTION_S
-        for kept in (self.directory / VERSIONS_DIR).glob("*.safetensors"):
-            name, _, version = kept.stem.rpartition(".")
-            try:
-                if (name, version) not in live and kept.stat().st_ctime < cutoff:
-                    kept.unlink()
-            except OSError:
-                pass
-
-    def get(self, name: str) -> PersonaVector | None:
-        self.maybe_refresh()
-        return self._vectors.get(name)
-
-    def vector_at(self, name: str, version: str) -> PersonaVector | None:
-        """Vector `name` exactly at `version`: the live one, or a kept older one; None if gone."""
-        vector = self._vectors.get(name)
-        if vector is not None and vector.version == version:
-            return vector
-        self.refresh()
-        vector = self._vectors.get(name)
-        if vector is not None and vector.version == version:
-            return vector
-        if self.directory is None:
-            return None
-        kept = self._version_path(name, version)
-        try:
-            vector = load_vector(kept, name=name)
-        except VectorFileError:
-            return None
-        return vector if vector.version == version else None
-
-    def version(self, name: str) -> str | None:
-        """Content version of the live vector `name` (None if there is none)."""
-        vector = self._vectors.get(name)
-        return None if vector is None else vector.version
-
-    def names(self) -> list[str]:
-        return sorted(self._vectors)
-
-    def __contains__(self, name: str) -> bool:
-        return self.get(name) is not None
-
-    def __len__(self) -> int:
-        return len(self._vectors)
-
-    # ---- changing -------------------------------------------------------------------------
-    def add(self, vector: PersonaVector) -> None:
-        """Add in memory only (offline use and tests); `install` persists."""
-        vector.check_fits(self.num_layers, self.hidden_size)
-        self._vectors[vector.name] = vector
-
-    def install(self, name: str, data: bytes) -> PersonaVector:
-        """Validate a vector file's bytes in memory, then write it into the directory as `name`
-        (atomically). Raises `VectorFileError` (nothing written) or `LibraryFull`."""
-        if self.directory is None:
-            raise VectorFileError("the library has no directory to install into")
-        if not is_valid_name(name):
-            raise VectorFileError(f"vector name must be {NAME_RULE}")
-        vector = parse_vector(data, name)
-        vector.check_fits(self.num_layers, self.hidden_size)
-        self.refresh()
-        if name not in self._vectors and self.max_vectors is not None and len(self._vectors) >= self.max_vectors:
-            raise LibraryFull(
-                f"the vector library is full ({len(self._vectors)} of at most {self.max_vectors} vectors, "
-                "PERSONAVEC_MAX_LIBRARY); delete one first"
-            )
-        atomic_write_bytes(self.directory / f"{name}.safetensors", data)
-        self.refresh()
-        return self._vectors.get(name, vector)
-
-    def remove(self, name: str) -> bool:
-        """Delete vector `name`'s file (requests holding its version keep it). False if absent."""
-        if self.directory is None or name not in self._vectors:
-            return False
-        try:
-            (self.directory / f"{name}.safetensors").unlink()
-        except FileNotFoundError:
-            pass
-        self.refresh()
-        return True

@@ -16,9 +16,9 @@ import pytest
 # Small KV cache for every engine a test starts (the server default is 2 GiB).
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from personavec_vllm.models import cache_dir, default_model_path  # noqa: E402
-from personavec_vllm.testing import TINY_ARCHS, build_tiny_model  # noqa: E402
-from personavec_vllm.testing import free_port as _free_port  # noqa: E402
+from personavec_vllm.models import cache_dir, default_model_path
+from personavec_vllm.testing import TINY_ARCHS, build_tiny_model
+from personavec_vllm.testing import free_port as _free_port
 
 
 def free_port() -> int:

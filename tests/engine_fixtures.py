@@ -7,12 +7,12 @@ their engines in an order that keeps restarts few.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 
 import torch
 
+from personavec_vllm.engine.llm import shutdown
 from personavec_vllm.vectors import PersonaVector, save_vector
 
 _CURRENT: dict = {"key": None, "llm": None}
@@ -22,11 +22,17 @@ def make_vectors(directory, num_layers: int, hidden: int, names=("a", "b", "c"),
     """Random directions with per-layer norm `norm` (the tiny models' residual norm is ~0.2-1)."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
-    for i, name in enumerate(names):
+    for _i, name in enumerate(names):
         v = torch.randn(num_layers + 1, hidden, generator=gen)
         v = v / v.norm(dim=1, keepdim=True) * norm
-        vector = PersonaVector(name=name, vectors=v, trait=name, model="test", layer=min(2, num_layers),
-                               description=f"random test direction {name}")
+        vector = PersonaVector(
+            name=name,
+            vectors=v,
+            trait=name,
+            model="test",
+            layer=min(2, num_layers),
+            description=f"random test direction {name}",
+        )
         save_vector(vector, os.path.join(directory, f"{name}.safetensors"))
         out[name] = v
     return out
@@ -36,8 +42,7 @@ def shutdown_engine() -> None:
     llm = _CURRENT["llm"]
     _CURRENT.update(key=None, llm=None)
     if llm is not None:
-        with contextlib.suppress(Exception):
-            llm.llm_engine.engine_core.shutdown()
+        shutdown(llm)
         del llm
         gc.collect()
 
@@ -48,7 +53,7 @@ def get_engine(model: str, vectors_dir: str | None, *, eager: bool, plugin: bool
     if _CURRENT["key"] == key:
         return _CURRENT["llm"]
     shutdown_engine()
-    from vllm import LLM
+    from personavec_vllm.engine.llm import make_llm
 
     saved = {k: os.environ.get(k) for k in ("PERSONAVEC_VECTORS", "VLLM_PLUGINS")}
     os.environ.pop("PERSONAVEC_VECTORS", None)
@@ -57,9 +62,8 @@ def get_engine(model: str, vectors_dir: str | None, *, eager: bool, plugin: bool
     if not plugin:
         os.environ["VLLM_PLUGINS"] = "none"  # an allow-list naming no installed plugin
     try:
-        llm = LLM(
-            model=str(model), dtype="float32", seed=0, enforce_eager=eager,
-            gpu_memory_utilization=0.2, max_model_len=kwargs.pop("max_model_len", 1024), **kwargs,
+        llm = make_llm(
+            model, enforce_eager=eager, memory_share=0.2, max_model_len=kwargs.pop("max_model_len", 1024), **kwargs
         )
     finally:
         for k, v in saved.items():

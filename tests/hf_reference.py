@@ -40,8 +40,13 @@ def _mask(positions: str, seq_len: int, num_prompt: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def hf_generate(model, prompt_ids: list[int], max_tokens: int, steer: list[RefTerm] = (),
-                monitor: dict[str, tuple[torch.Tensor, tuple[int, ...]]] | None = None) -> RefResult:
+def hf_generate(
+    model,
+    prompt_ids: list[int],
+    max_tokens: int,
+    steer: list[RefTerm] = (),
+    monitor: dict[str, tuple[torch.Tensor, tuple[int, ...]]] | None = None,
+) -> RefResult:
     monitor = monitor or {}
     layers = model.model.layers
     num_prompt = len(prompt_ids)
@@ -58,18 +63,19 @@ def hf_generate(model, prompt_ids: list[int], max_tokens: int, steer: list[RefTe
                     hidden = hidden + mask * (term.coeff * term.vector[layer_number].to(hidden.dtype))
             captured[layer_number] = hidden[0].float()
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
         return hook
 
     handles = [layers[i].register_forward_hook(make_hook(i + 1)) for i in range(len(layers))]
     tokens, logprobs = [], []
     projections = {(name, layer): [] for name, (_, ls) in monitor.items() for layer in ls}
     try:
-        for step in range(max_tokens):
+        for _step in range(max_tokens):
             logits = model(torch.tensor([ids])).logits[0, -1].float()
             logp = torch.log_softmax(logits, dim=-1)
             token = int(torch.argmax(logits))
             position = len(ids) - 1  # the position whose hidden state produced this token
-            for (name, layer) in projections:
+            for name, layer in projections:
                 v = monitor[name][0][layer].float()
                 projections[(name, layer)].append(float(captured[layer][position] @ (v / v.norm())))
             tokens.append(token)

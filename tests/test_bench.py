@@ -1,4 +1,4 @@
-"""The serving benchmark (benchmarks/): workload generator, statistics and report (fast), and a
+"""The serving benchmark (personavec_vllm.bench): workload generator, statistics and report (fast), and a
 smoke run of the whole benchmark on a tiny model (slow)."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import report as rep  # noqa: E402
-from benchmarks.scenarios import SCENARIOS, BenchVectors, label, persona_fields, steer_distinct  # noqa: E402
-from benchmarks.workload import LengthRange, WorkloadConfig, make_workload, word_vocab  # noqa: E402
+from personavec_vllm.bench import report as rep
+from personavec_vllm.bench.scenarios import SCENARIOS, BenchVectors, label, persona_fields, steer_distinct
+from personavec_vllm.bench.workload import LengthRange, WorkloadConfig, make_workload, word_vocab
 
 VOCAB = list(range(1000, 1500))
 
@@ -70,7 +70,7 @@ def test_workload_fixed_lengths():
 
 def test_word_vocab_keeps_plain_words():
     class Tok:
-        all_special_ids = [0]
+        all_special_ids = (0,)
 
         def get_vocab(self):
             return {"<|im_start|>": 0, "Ġthe": 5, "Ġa": 6, "Ġ123": 7, "ĠcafÃ©": 8, "word": 9, "Ġhouse": 10, "Ġx": 11}
@@ -126,8 +126,12 @@ def _result(key, c, i, submit, first, end, tokens=10, error=""):
 
 
 def test_summarize_level():
-    res = [_result("plain", 2, 0, 0.0, 0.5, 2.0), _result("plain", 2, 1, 0.0, 1.0, 3.0),
-           _result("plain", 2, 2, 2.0, 2.5, 4.0), _result("plain", 2, 3, 3.0, 3.0, 3.5, tokens=0, error="x")]
+    res = [
+        _result("plain", 2, 0, 0.0, 0.5, 2.0),
+        _result("plain", 2, 1, 0.0, 1.0, 3.0),
+        _result("plain", 2, 2, 2.0, 2.5, 4.0),
+        _result("plain", 2, 3, 3.0, 3.0, 3.5, tokens=0, error="x"),
+    ]
     s = rep.summarize(res)
     assert (s.scenario, s.concurrency, s.requests, s.errors) == ("plain", 2, 4, 1)
     assert s.output_tokens == 30 and s.wall_s == 4.0 and s.tok_per_s == 7.5
@@ -157,8 +161,17 @@ def _stats(key, c, tok_s):
 
 def _all_stats(levels=(1, 8, 32)):
     # the two baseline runs average to 1.0
-    factor = {"plain": 0.95, "plain_after": 1.05, "unsteered": 0.995, "steer_same": 0.98, "steer_distinct": 0.96, "monitor1": 0.97,
-              "monitor3": 0.9, "hf_same": 0.5, "hf_distinct": 0.1}
+    factor = {
+        "plain": 0.95,
+        "plain_after": 1.05,
+        "unsteered": 0.995,
+        "steer_same": 0.98,
+        "steer_distinct": 0.96,
+        "monitor1": 0.97,
+        "monitor3": 0.9,
+        "hf_same": 0.5,
+        "hf_distinct": 0.1,
+    }
     return [_stats(s.key, c, 100.0 * c * factor[s.key]) for s in SCENARIOS for c in levels]
 
 
@@ -187,16 +200,23 @@ def test_ratios_speedup_and_targets():
 def test_write_report(tmp_path):
     stats = _all_stats()
     requests = [_result("plain", 1, 0, 0.0, 0.1, 1.0)]
-    report = rep.Report(command="python -m benchmarks.run --x", machine={"CPU": "test cpu"},
-                        config={"model": "m"}, stats=stats, requests=requests, checks=["ok"], notes=["n"],
-                        wall_s=90.0)
+    report = rep.Report(
+        command="personavec bench --x",
+        machine={"CPU": "test cpu"},
+        config={"model": "m"},
+        stats=stats,
+        requests=requests,
+        checks=["ok"],
+        notes=["n"],
+        wall_s=90.0,
+    )
     files = rep.write_report(report, tmp_path, "t")
     for key in ("csv", "requests_csv", "markdown", "t_throughput", "t_latency"):
         assert files[key].is_file() and files[key].stat().st_size > 0, key
     for png in (files["t_throughput"], files["t_latency"]):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = files["markdown"].read_text()
-    assert "python -m benchmarks.run --x" in md and "test cpu" in md and "1.5 min" in md
+    assert "personavec bench --x" in md and "test cpu" in md and "1.5 min" in md
     for s in SCENARIOS:
         assert label(s.key) in md
     assert "| 4 steered, distinct specs | 0.960 | 0.960 | 0.960 |" in md
@@ -215,7 +235,8 @@ def test_cli_has_bench():
     from personavec_vllm import cli
 
     args, extra = cli.build_parser().parse_known_args(
-        ["bench", "--concurrency", "1,2", "--requests", "3", "--output-len", "4:8", "--scenarios", "1,4,6b"])
+        ["bench", "--concurrency", "1,2", "--requests", "3", "--output-len", "4:8", "--scenarios", "1,4,6b"]
+    )
     assert args.command == "bench" and not extra
     assert args.concurrency == [1, 2] and args.requests == [3]
     assert (args.output_len.min, args.output_len.max) == (4, 8)
@@ -229,13 +250,29 @@ def test_cli_has_bench():
 
 @pytest.mark.slow
 def test_benchmark_smoke(tmp_path, tiny_llama):
-    from benchmarks.run import main
+    from personavec_vllm.bench.options import main
 
     out = tmp_path / "results"
     # --no-baseline-after: 1' is scenario 1 again on a third server start, which a smoke run skips
-    code = main(["--model", str(tiny_llama), "--enforce-eager", "--concurrency", "1,2", "--requests", "3",
-                 "--prompt-len", "16:48", "--output-len", "4:6", "--out", str(out), "--no-progress",
-                 "--no-baseline-after"])
+    code = main(
+        [
+            "--model",
+            str(tiny_llama),
+            "--enforce-eager",
+            "--concurrency",
+            "1,2",
+            "--requests",
+            "3",
+            "--prompt-len",
+            "16:48",
+            "--output-len",
+            "4:6",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--no-baseline-after",
+        ]
+    )
     assert code == 0
     md = (out / "serving.md").read_text()
     scenarios = [s for s in SCENARIOS if s.key != "plain_after"]

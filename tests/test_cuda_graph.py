@@ -24,10 +24,11 @@ def _eager_reference(tables, hidden, residual, layer):
 
 
 def test_captured_graph_follows_table_updates():
+    from personavec_vllm.engine import op
+    from personavec_vllm.engine.tables import SteeringTables
+    from personavec_vllm.library import VectorLibrary
     from personavec_vllm.spec import parse_spec
-    from personavec_vllm.steering import op
-    from personavec_vllm.steering.tables import SteeringTables
-    from personavec_vllm.vectors import PersonaVector, VectorLibrary
+    from personavec_vllm.vectors import PersonaVector
 
     op.register_op("CUDA")
     gen = torch.Generator().manual_seed(0)
@@ -50,8 +51,10 @@ def test_captured_graph_follows_table_updates():
 
         specs = [
             [{"vector": "a", "coeff": 2.0, "layers": [2], "positions": "all"}],
-            [{"vector": "b", "coeff": -1.5, "layers": [2], "positions": "response"},
-             {"vector": "a", "coeff": 0.5, "layers": [2], "positions": "prompt"}],
+            [
+                {"vector": "b", "coeff": -1.5, "layers": [2], "positions": "response"},
+                {"vector": "a", "coeff": 0.5, "layers": [2], "positions": "prompt"},
+            ],
         ]
         seen = []
         for step, steer in enumerate(specs + [None]):

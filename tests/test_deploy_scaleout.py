@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from personavec_vllm.steering.results import Message, ProjectionSink, ResultRouter
+from personavec_vllm.engine.transport import Message, ProjectionSink, ResultRouter
 from personavec_vllm.testing import build_tiny_model, free_port, http_json, run_server
 
 MODEL = "tiny-llama"
@@ -41,7 +41,7 @@ PROMPT = "The quick brown fox jumps over the lazy dog because"
 
 # vLLM's `serve` command (several API server processes) without the `vllm` console script. The
 # __main__ guard matters: the API server processes are spawned and re-import this file.
-LAUNCHER = '''
+LAUNCHER = """
 def main():
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     cli_env_setup()
@@ -57,7 +57,7 @@ def main():
 
 if __name__ == "__main__":
     main()
-'''
+"""
 
 
 # ---- routing (fast) ----------------------------------------------------------------------------
@@ -75,8 +75,11 @@ def test_router_sends_each_request_to_its_front_end():
     router.route("r1", one.address)
     router.route("r2", two.address)
     router.route("r3", None)  # no address named: nobody waits, nothing is sent
-    router.send(Message(values=[("r1", 0, {("a", 2): [1.0, 2.0]}), ("r2", 0, {("a", 2): [5.0, 7.0]}),
-                                ("r3", 0, {("a", 2): [3.0]})]))
+    router.send(
+        Message(
+            values=[("r1", 0, {("a", 2): [1.0, 2.0]}), ("r2", 0, {("a", 2): [5.0, 7.0]}), ("r3", 0, {("a", 2): [3.0]})]
+        )
+    )
     router.send(Message(done=["r1", "r2", "r3"]))
     assert _wait(one, "r1")["a"][2].per_token == [1.0, 2.0]
     assert _wait(two, "r2")["a"][2].response_mean == 7.0
@@ -106,8 +109,18 @@ def setup(tmp_path_factory):
 
 
 def _complete(url: str, prompt: str = PROMPT, **extra) -> dict:
-    return http_json(url + "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0,
-                                               "persona_steer": STEER, "persona_monitor": MONITOR, **extra})
+    return http_json(
+        url + "/v1/completions",
+        {
+            "model": MODEL,
+            "prompt": prompt,
+            "max_tokens": 8,
+            "temperature": 0,
+            "persona_steer": STEER,
+            "persona_monitor": MONITOR,
+            **extra,
+        },
+    )
 
 
 def _metrics(url: str) -> dict:
@@ -115,8 +128,12 @@ def _metrics(url: str) -> dict:
 
     with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
         text = resp.read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value for f in text_string_to_metric_families(text)
-            if f.name.startswith("personavec") for s in f.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for f in text_string_to_metric_families(text)
+        if f.name.startswith("personavec")
+        for s in f.samples
+    }
 
 
 def _check_counts(metrics: dict, n: int) -> None:
@@ -133,8 +150,17 @@ def _check_counts(metrics: dict, n: int) -> None:
 def reference(setup):
     """Text and persona object of PROMPT on one ordinary server (TP 1, one API process)."""
     root, model, vectors = setup
-    args = ["--model", model, "--vectors", str(vectors), "--served-model-name", MODEL, "--enforce-eager",
-            "--max-model-len", "1024"]
+    args = [
+        "--model",
+        model,
+        "--vectors",
+        str(vectors),
+        "--served-model-name",
+        MODEL,
+        "--enforce-eager",
+        "--max-model-len",
+        "1024",
+    ]
     with run_server(args, port=free_port(), log_path=root / "reference.log") as url:
         reply = _complete(url)
     return reply["choices"][0]["text"], reply["persona"]
@@ -156,8 +182,19 @@ def _assert_same_persona(persona: dict, ref: dict) -> None:
 def test_tensor_parallel_2_on_cpu(setup, reference):
     root, model, vectors = setup
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
-    args = ["--model", model, "--vectors", str(vectors), "--served-model-name", MODEL, "--enforce-eager",
-            "--max-model-len", "1024", "--tensor-parallel-size", "2"]
+    args = [
+        "--model",
+        model,
+        "--vectors",
+        str(vectors),
+        "--served-model-name",
+        MODEL,
+        "--enforce-eager",
+        "--max-model-len",
+        "1024",
+        "--tensor-parallel-size",
+        "2",
+    ]
     with run_server(args, port=free_port(), log_path=root / "tp2.log", env=env, startup_timeout=400) as url:
         replies = [_complete(url) for _ in range(3)]
         metrics = _metrics(url)
@@ -172,16 +209,30 @@ def test_tensor_parallel_2_on_cpu(setup, reference):
 
 @contextlib.contextmanager
 def multi_api_server(root: Path, model: str, vectors: Path, count: int):
-    from personavec_vllm.cli import build_serve_command
+    from personavec_vllm.cli.serve import build_serve_command
 
     launcher = root / "vllm_serve.py"
     launcher.write_text(LAUNCHER)
     port = free_port()
-    argv, env = build_serve_command(model, str(vectors), [
-        "--served-model-name", MODEL, "--enforce-eager", "--max-model-len", "1024",
-        "--host", "127.0.0.1", "--port", str(port), "--api-server-count", str(count)])
+    argv, env = build_serve_command(
+        model,
+        str(vectors),
+        [
+            "--served-model-name",
+            MODEL,
+            "--enforce-eager",
+            "--max-model-len",
+            "1024",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--api-server-count",
+            str(count),
+        ],
+    )
     i = argv.index("-m")
-    argv = argv[:i] + [str(launcher)] + argv[i + 2:]
+    argv = argv[:i] + [str(launcher)] + argv[i + 2 :]
     env["VLLM_CPU_KVCACHE_SPACE"] = "1"
     env["PROMETHEUS_MULTIPROC_DIR"] = str(root / "prometheus_multiproc")  # to see each process's files
     (root / "prometheus_multiproc").mkdir()
@@ -247,12 +298,16 @@ def test_two_api_server_processes(setup, reference):
                     break
         per_process = _monitored_per_process(multiproc_dir)
         if len(per_process) < 2:  # both processes accept on one shared socket: the kernel decides
-            pytest.skip(f"all {sent} connections went to one API server process {per_process}; "
-                        "every reply was correct, but the other process was never exercised")
+            pytest.skip(
+                f"all {sent} connections went to one API server process {per_process}; "
+                "every reply was correct, but the other process was never exercised"
+            )
         assert sum(per_process.values()) == sent
         metrics = _metrics(url)  # merged over both processes
     _check_counts(metrics, sent)
     common = dict(vector="a", model=MODEL, layer="2", kind="response_mean")
-    signed = (metrics[("personavec_projection_sum_pos_total", frozenset(common.items()))]
-              - metrics[("personavec_projection_sum_neg_total", frozenset(common.items()))])
+    signed = (
+        metrics[("personavec_projection_sum_pos_total", frozenset(common.items()))]
+        - metrics[("personavec_projection_sum_neg_total", frozenset(common.items()))]
+    )
     assert signed == pytest.approx(sent * ref["projections"]["a"]["2"]["response_mean"], rel=1e-3, abs=1e-3)

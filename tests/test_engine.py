@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from engine_fixtures import get_engine, make_vectors, shutdown_engine
 from hf_reference import RefTerm, hf_generate
-from personavec_vllm.offline import persona_params, projections
+
+from personavec_vllm.engine.offline import persona_params, projections
 from personavec_vllm.testing import build_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -68,7 +68,9 @@ def _run(llm, prompts, specs):
 
 
 def _terms(vectors, steer):
-    return [RefTerm(vectors[t["vector"]], t["coeff"], tuple(t["layers"]), t.get("positions", "response")) for t in steer]
+    return [
+        RefTerm(vectors[t["vector"]], t["coeff"], tuple(t["layers"]), t.get("positions", "response")) for t in steer
+    ]
 
 
 def _assert_matches_reference(vllm_out, ref, monitored):
@@ -153,14 +155,28 @@ def test_reference_equivalence_llama_eager(tiny_models, tiny_vectors):
 MIXED = [
     None,
     {"steer": [{"vector": "a", "coeff": 3.0, "layers": [2]}]},
-    {"steer": [{"vector": "a", "coeff": -3.0, "layers": [2]}], "monitor": {"vectors": ["a"], "layers": [2], "per_token": True}},
+    {
+        "steer": [{"vector": "a", "coeff": -3.0, "layers": [2]}],
+        "monitor": {"vectors": ["a"], "layers": [2], "per_token": True},
+    },
     {"steer": [{"vector": "b", "coeff": 2.0, "layers": [1, 3], "positions": "all"}]},
-    {"steer": [{"vector": "c", "coeff": -2.5, "layers": [4], "positions": "prompt"}], "monitor": {"vectors": ["c", "a"], "layers": [4], "per_token": True}},
+    {
+        "steer": [{"vector": "c", "coeff": -2.5, "layers": [4], "positions": "prompt"}],
+        "monitor": {"vectors": ["c", "a"], "layers": [4], "per_token": True},
+    },
     {"monitor": {"vectors": ["a", "b", "c"], "layers": [1, 2], "per_token": True}},
-    {"steer": [{"vector": "a", "coeff": 1.5, "layers": [1]}, {"vector": "c", "coeff": 2.0, "layers": [3], "positions": "all"}]},
+    {
+        "steer": [
+            {"vector": "a", "coeff": 1.5, "layers": [1]},
+            {"vector": "c", "coeff": 2.0, "layers": [3], "positions": "all"},
+        ]
+    },
     None,
     {"steer": [{"vector": "b", "coeff": -3.0, "layers": [2]}], "monitor": {"vectors": ["b"], "per_token": True}},
-    {"steer": [{"vector": "a", "coeff": 3.0, "layers": [2]}], "monitor": {"vectors": ["a"], "layers": [2], "per_token": True}},
+    {
+        "steer": [{"vector": "a", "coeff": 3.0, "layers": [2]}],
+        "monitor": {"vectors": ["a"], "layers": [2], "per_token": True},
+    },
 ]
 
 
@@ -202,7 +218,7 @@ def test_prefix_cache_never_shared_with_steered(tiny_models, tiny_vectors):
     assert all_ref.tokens != plain_ref.tokens
     sequence = [(None, plain_ref), (steer_all, all_ref), (None, plain_ref), (steer_all, all_ref)]
     for spec, ref in sequence:
-        (completion, _), = _run(llm, [prompt], [spec])
+        ((completion, _),) = _run(llm, [prompt], [spec])
         assert list(completion.token_ids) == ref.tokens
         assert _chosen_logprobs(completion) == pytest.approx(ref.logprobs, abs=1e-3)
     # Response steering touches the last prompt token's KV: a longer plain prompt sharing that
@@ -210,7 +226,10 @@ def test_prefix_cache_never_shared_with_steered(tiny_models, tiny_vectors):
     short = _tokenize(llm, prompt)[:48]
     longer = short + _tokenize(llm, " and then it continued")
     outs = llm.generate([{"prompt_token_ids": short}], persona_params(_sampling(), **steer_resp), use_tqdm=False)
-    assert list(outs[0].outputs[0].token_ids) == hf_generate(hf, short, MAX_TOKENS, _terms(vectors, steer_resp["steer"])).tokens
+    assert (
+        list(outs[0].outputs[0].token_ids)
+        == hf_generate(hf, short, MAX_TOKENS, _terms(vectors, steer_resp["steer"])).tokens
+    )
     (after,) = llm.generate([{"prompt_token_ids": longer}], _sampling(), use_tqdm=False)
     assert list(after.outputs[0].token_ids) == hf_generate(hf, longer, MAX_TOKENS).tokens
 
@@ -269,9 +288,18 @@ def test_chunked_prefill_and_preemption(tiny_models, tiny_vectors):
     """A tiny KV cache (8 usable blocks of 32 tokens) and token budget (64): long prompts are prefilled
     in chunks, requests get preempted and recomputed; each must still match its HF reference."""
     vectors_dir, vectors = tiny_vectors
-    llm = get_engine(tiny_models["llama"], vectors_dir, eager=True, max_num_batched_tokens=48, max_model_len=256,
-                     num_gpu_blocks_override=9, block_size=32, max_num_seqs=8, enable_prefix_caching=False,
-                     disable_log_stats=False)
+    llm = get_engine(
+        tiny_models["llama"],
+        vectors_dir,
+        eager=True,
+        max_num_batched_tokens=48,
+        max_model_len=256,
+        num_gpu_blocks_override=9,
+        block_size=32,
+        max_num_seqs=8,
+        enable_prefix_caching=False,
+        disable_log_stats=False,
+    )
     hf = _hf_model(tiny_models["llama"])
     specs = [MIXED[i % len(MIXED)] for i in range(8)]
     # 28-token prompts fit one block each; decoding past token 32 needs a second block, which
@@ -293,11 +321,10 @@ def test_chunked_prefill_and_preemption(tiny_models, tiny_vectors):
 def test_default_model_steering_matches_reference(default_model, tmp_path):
     """The real SmolLM2-135M-Instruct: steered and monitored greedy generations equal the HF
     reference, with the shipped `evil` vector when present (random directions otherwise)."""
-    from pathlib import Path
-
+    from personavec_vllm.data import vectors_dir
     from personavec_vllm.vectors import load_vector, save_vector
 
-    shipped = Path(__file__).resolve().parent.parent / "vectors" / "SmolLM2-135M-Instruct" / "evil.safetensors"
+    shipped = vectors_dir("SmolLM2-135M-Instruct") / "evil.safetensors"
     if shipped.exists():
         vector = load_vector(shipped)
         save_vector(vector, tmp_path / "evil.safetensors")
@@ -310,7 +337,9 @@ def test_default_model_steering_matches_reference(default_model, tmp_path):
     hf = _hf_model(str(default_model))
     chat = llm.get_tokenizer().apply_chat_template(
         [{"role": "user", "content": "How should I treat a stranger who asks me for help?"}],
-        tokenize=False, add_generation_prompt=True)
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     prompt = llm.get_tokenizer()(chat, add_special_tokens=False)["input_ids"]
     steer = [{"vector": "evil", "coeff": 6.0, "layers": [layer], "positions": "response"}]
     spec = {"steer": steer, "monitor": {"vectors": ["evil"], "layers": [layer], "per_token": True}}

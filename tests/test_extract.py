@@ -9,18 +9,17 @@ import pytest
 import torch
 
 from personavec_vllm.extract.judge import weighted_score
-from personavec_vllm.extract.pipeline import (
-    Answer,
-    ExtractionSettings,
-    _answers_key,
-    chat_prompt,
-    diff_mean,
-    keep_pair,
-    pair_up,
-    projection_stats,
-    roc_auc,
+from personavec_vllm.extract.pipeline import Answer, ExtractionSettings, _answers_key, keep_pair, pair_up
+from personavec_vllm.extract.sweep import (
+    SweepRow,
+    fluency,
+    fluent_range,
+    is_monotonic,
+    recommend_layer,
+    steering_effect,
 )
-from personavec_vllm.extract.sweep import SweepRow, fluency, fluent_range, is_monotonic, recommend_layer, steering_effect
+from personavec_vllm.hf.hidden import chat_prompt
+from personavec_vllm.projection import diff_mean, projection_stats, roc_auc
 
 
 def test_diff_mean_by_hand():
@@ -31,8 +30,8 @@ def test_diff_mean_by_hand():
     assert v.dtype == torch.float32
     assert v.tolist() == [[0.0, 0.0], [1.0, 3.0]]  # mean(pos) = [2, 4]; minus [1, 1]
     stats = projection_stats(v, pos, neg)["1"]
-    unit = torch.tensor([1.0, 3.0]) / 10 ** 0.5
-    assert stats["pos_mean"] == pytest.approx(float((torch.tensor([2.0, 4.0]) @ unit)))
+    unit = torch.tensor([1.0, 3.0]) / 10**0.5
+    assert stats["pos_mean"] == pytest.approx(float(torch.tensor([2.0, 4.0]) @ unit))
     assert stats["neg_mean"] == pytest.approx(float(torch.tensor([1.0, 1.0]) @ unit))
     assert stats["pos_std"] == pytest.approx(abs(float(torch.tensor([1.0, 1.0]) @ unit)))
 
@@ -91,8 +90,10 @@ def test_recommended_layer_prefers_monotonic_effect():
 
 def test_effect_and_monotonicity_count_only_the_fluent_range():
     # layer 2: the biggest swing comes from coefficients whose replies are broken
-    rows = [SweepRow(2, c, p, fluent=f) for c, p, f in
-            ((-4, 0.0, False), (-1, 0.45, True), (0, 0.5, True), (1, 0.55, True), (4, 0.3, False))]
+    rows = [
+        SweepRow(2, c, p, fluent=f)
+        for c, p, f in ((-4, 0.0, False), (-1, 0.45, True), (0, 0.5, True), (1, 0.55, True), (4, 0.3, False))
+    ]
     # layer 4: a smaller swing over fluent settings, but all of it usable
     rows += [SweepRow(4, c, p, fluent=True) for c, p in ((-4, 0.3), (-1, 0.4), (0, 0.5), (1, 0.6), (4, 0.7))]
     assert fluent_range(rows, 2) == (-1, 1) and fluent_range(rows, 4) == (-4, 4)
@@ -107,13 +108,16 @@ def test_effect_and_monotonicity_count_only_the_fluent_range():
 def tiny_hf(tiny_llama):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(tiny_llama)
+    return AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(
+        tiny_llama
+    )
 
 
 def test_generation_hook_steers_the_last_prompt_token_and_every_new_token(tiny_hf):
     """`steered_replies` (KV-cached generate) equals greedy decoding step by step with the
     steering added, without a cache, at the last prompt position and every generated one."""
-    from personavec_vllm.extract.sweep import _steering_hook, steered_replies
+    from personavec_vllm.extract.sweep import steered_replies
+    from personavec_vllm.hf.hooks import adder, on_residual
 
     model, tokenizer = tiny_hf
     torch.manual_seed(0)
@@ -125,12 +129,8 @@ def test_generation_hook_steers_the_last_prompt_token_and_every_new_token(tiny_h
     for _ in range(5):
         mask = torch.zeros(1, len(ids), 1)
         mask[0, start - 1 :] = 1.0
-        handle = model.model.layers[1].register_forward_hook(_steering_hook(3.0 * vector[2], mask))
-        try:
-            with torch.no_grad():
-                token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
-        finally:
-            handle.remove()
+        with on_residual(model, [(2, adder(3.0 * vector[2], mask=mask))]), torch.no_grad():
+            token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
         if token == tokenizer.eos_token_id:
             break
         ids, expected = ids + [token], expected + [token]
@@ -148,23 +148,27 @@ def test_pipeline_end_to_end_on_tiny_model(tmp_path, tiny_llama):
     tiny random model. Greedy answers: sampled ones are not reproducible across engines on
     vLLM-CPU, whose per-request seeds crash the engine (see pipeline.generate_answers)."""
     from personavec_vllm.extract.pipeline import ExtractionSettings, extract_traits
-    from personavec_vllm.extract.traits import load_trait
-    from personavec_vllm.vectors import VectorLibrary, load_vector
+    from personavec_vllm.library import VectorLibrary
+    from personavec_vllm.traits import load_trait
+    from personavec_vllm.vectors import load_vector
 
     full = load_trait("evil")
-    trait = full.model_copy(update={
-        "extraction_questions": full.extraction_questions[:3],
-        "evaluation_questions": full.evaluation_questions[:2],
-        "multiple_choice": full.multiple_choice[:4],
-    })
-    settings = ExtractionSettings(max_tokens=6, temperature=0.0, heldout_questions=2, sweep_layers=[1, 3],
-                                  sweep_coeffs=(-2.0, 0.0, 2.0))
+    trait = full.model_copy(
+        update={
+            "extraction_questions": full.extraction_questions[:3],
+            "evaluation_questions": full.evaluation_questions[:2],
+            "multiple_choice": full.multiple_choice[:4],
+        }
+    )
+    settings = ExtractionSettings(
+        max_tokens=6, temperature=0.0, heldout_questions=2, sweep_layers=[1, 3], sweep_coeffs=(-2.0, 0.0, 2.0)
+    )
     runs = []
     for i in range(2):
         out = tmp_path / f"run{i}"
         (report,) = extract_traits([trait], str(tiny_llama), out, settings, model_name="tiny")
         runs.append((out, report))
-    (out, report), (out2, report2) = runs
+    (out, report), (out2, _report2) = runs
     v = load_vector(out / "evil.safetensors")
     assert v.vectors.shape == (5, 128) and v.method == "response_avg_diff" and v.model == "tiny"
     assert v.layer == report["recommended_layer"] in (1, 3)
@@ -187,12 +191,16 @@ def test_batched_hidden_means_equal_one_by_one(tiny_llama):
     """Right padding in a batch leaves each answer's hidden states unchanged."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from personavec_vllm.extract.pipeline import hidden_means
+    from personavec_vllm.hf.hidden import hidden_means
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-    items = [("Be nice.", "Hi?", "Hello there, friend."), (None, "What is 2+2?", "4"),
-             ("Be evil.", "Advice?", "Lie to everyone you meet, always and without exception."), (None, "Empty?", "")]
+    items = [
+        ("Be nice.", "Hi?", "Hello there, friend."),
+        (None, "What is 2+2?", "4"),
+        ("Be evil.", "Advice?", "Lie to everyone you meet, always and without exception."),
+        (None, "Empty?", ""),
+    ]
     batched = hidden_means(model, tokenizer, items, batch_size=4)
     single = hidden_means(model, tokenizer, items, batch_size=1)
     for key in batched:

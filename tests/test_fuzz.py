@@ -17,11 +17,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from strategies import persona_fields, persona_monitor, persona_steer
 
+from personavec_vllm.library import VectorLibrary
 from personavec_vllm.server.api import take_persona_fields
 from personavec_vllm.spec import REJECT_REASONS, Limits, PersonaSpec, PersonaSpecError, parse_spec
-from personavec_vllm.vectors import PersonaVector, VectorLibrary
-from strategies import persona_fields, persona_monitor, persona_steer
+from personavec_vllm.vectors import PersonaVector
 
 L, H = 4, 16
 NAMES = ["evil", "kind"]
@@ -64,9 +65,12 @@ def test_parser_accepts_valid_specs_or_names_the_field(steer, monitor):
 
 
 @settings(max_examples=800, deadline=None)
-@given(fields=persona_fields(NAMES, L), n=st.one_of(st.none(), st.integers(0, 3)),
-       prompt=st.one_of(st.text(max_size=5), st.lists(st.text(max_size=3), max_size=3)),
-       beam=st.booleans())
+@given(
+    fields=persona_fields(NAMES, L),
+    n=st.one_of(st.none(), st.integers(0, 3)),
+    prompt=st.one_of(st.text(max_size=5), st.lists(st.text(max_size=3), max_size=3)),
+    beam=st.booleans(),
+)
 def test_request_bodies_are_taken_or_refused_by_field(fields, n, prompt, beam):
     body = {"model": "m", "prompt": prompt, "n": n, "use_beam_search": beam, **fields}
     try:
@@ -88,6 +92,7 @@ SERVER_NAMES = ["a", "b", "c"]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from engine_fixtures import make_vectors
+
     from personavec_vllm.testing import build_tiny_model, free_port, run_server
 
     root = tmp_path_factory.mktemp("fuzz")
@@ -95,8 +100,19 @@ def server(tmp_path_factory):
     (root / "vectors").mkdir()
     make_vectors(root / "vectors", num_layers=4, hidden=128)
     env = {**os.environ, "PERSONAVEC_ADMIN_KEY": "fuzz-key", "PERSONAVEC_MAX_COEFF": "10"}
-    args = ["--model", model, "--vectors", str(root / "vectors"), "--served-model-name", MODEL,
-            "--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "8"]
+    args = [
+        "--model",
+        model,
+        "--vectors",
+        str(root / "vectors"),
+        "--served-model-name",
+        MODEL,
+        "--enforce-eager",
+        "--max-model-len",
+        "512",
+        "--max-num-seqs",
+        "8",
+    ]
     with run_server(args, port=free_port(), log_path=root / "server.log", env=env) as url:
         yield url
 
@@ -138,12 +154,37 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
     import sys
 
     report = tmp_path / "junit.xml"
-    cmd = [sys.executable, "-m", "schemathesis.cli", "run", server + "/openapi.json",
-           "--include-path-regex", "^/v1/(chat/completions|completions|persona/.*)$",
-           "--checks", "not_a_server_error", "--max-examples", "30", "--workers", "1", "--max-time", "150",
-           "--header", "Authorization: Bearer fuzz-key", "--request-timeout", "60",
-           "--report", "junit", "--report-junit-path", str(report), "--seed", "1",
-           "--suppress-health-check", "all", "--phases", "examples,coverage,fuzzing"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "schemathesis.cli",
+        "run",
+        server + "/openapi.json",
+        "--include-path-regex",
+        "^/v1/(chat/completions|completions|persona/.*)$",
+        "--checks",
+        "not_a_server_error",
+        "--max-examples",
+        "30",
+        "--workers",
+        "1",
+        "--max-time",
+        "150",
+        "--header",
+        "Authorization: Bearer fuzz-key",
+        "--request-timeout",
+        "60",
+        "--report",
+        "junit",
+        "--report-junit-path",
+        str(report),
+        "--seed",
+        "1",
+        "--suppress-health-check",
+        "all",
+        "--phases",
+        "examples,coverage,fuzzing",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     tail = out.stdout[-6000:] + out.stderr[-2000:]
     assert out.returncode == 0, tail
@@ -154,7 +195,9 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
     with urllib.request.urlopen(server + "/v1/persona/vectors", timeout=30) as resp:
         names = [v["name"] for v in json.loads(resp.read())["data"]]
     if names:
-        status, body = _post(server + "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2,
-                                                          "persona_monitor": {"vectors": names[:1]}})
+        status, body = _post(
+            server + "/v1/completions",
+            {"model": MODEL, "prompt": "hi", "max_tokens": 2, "persona_monitor": {"vectors": names[:1]}},
+        )
         assert status == 200 and body["persona"]["projections"][names[0]], body
     print(out.stdout[-1500:])

@@ -33,8 +33,14 @@ L, H = 6, 16
 
 def _vector(name="evil", layer=3, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return PersonaVector(name=name, vectors=torch.randn(L + 1, H, generator=gen), trait="evil",
-                         model="tiny-llama", layer=layer, description="d")
+    return PersonaVector(
+        name=name,
+        vectors=torch.randn(L + 1, H, generator=gen),
+        trait="evil",
+        model="tiny-llama",
+        layer=layer,
+        description="d",
+    )
 
 
 def _fields(reader) -> dict:
@@ -59,6 +65,7 @@ def _write(path, tensors: dict, arch="controlvector", model_hint="llama", **kv):
 
 
 # ---- round trip ---------------------------------------------------------------------------
+
 
 def test_round_trip_is_exact_for_all_exportable_layers(tmp_path):
     v = _vector()
@@ -98,6 +105,7 @@ def test_coeff_scales_the_written_directions(tmp_path):
 
 # ---- what llama.cpp reads -------------------------------------------------------------------
 
+
 def test_file_has_the_names_types_and_metadata_llama_cpp_expects(tmp_path):
     path = export_gguf(_vector(), tmp_path / "evil.gguf", layers=[2, 3, 6])
     reader = gguf.GGUFReader(path)
@@ -121,6 +129,7 @@ def test_model_hint_can_be_set(tmp_path):
 
 # ---- the index mapping, explicitly ----------------------------------------------------------
 
+
 def test_row_L_is_written_as_direction_L_minus_1(tmp_path):
     # Row L = residual stream after decoder layer L-1. llama.cpp adds direction.N to the output
     # of decoder layer N (src/models/llama.cpp: `cur = build_cvec(cur, il)` at the end of layer
@@ -140,8 +149,9 @@ def test_row_L_is_written_as_direction_L_minus_1(tmp_path):
 def test_direction_N_is_imported_as_row_N_plus_1(tmp_path):
     # A repeng-style file: directions[N] is added to model.layers[N]'s output (repeng/control.py)
     # and was read from hidden_states[N + 1] (repeng/extract.py): our row N + 1.
-    path = _write(tmp_path / "repeng.gguf",
-                  {f"direction.{n}": np.full(H, 10.0 * n, dtype=np.float32) for n in (1, 2, 5)})
+    path = _write(
+        tmp_path / "repeng.gguf", {f"direction.{n}": np.full(H, 10.0 * n, dtype=np.float32) for n in (1, 2, 5)}
+    )
     back = import_gguf(path, name="r", trait="t", model="m")
     assert back.num_layers == 6  # highest direction + 1
     for n in (1, 2, 5):
@@ -167,8 +177,15 @@ def test_mapping_matches_adding_to_the_decoder_layer_output_in_hf(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=H, intermediate_size=32, num_hidden_layers=L,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=H,
+        intermediate_size=32,
+        num_hidden_layers=L,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     model = LlamaForCausalLM(config).eval()
     row = 4
     vectors = torch.zeros(L + 1, H)
@@ -181,6 +198,7 @@ def test_mapping_matches_adding_to_the_decoder_layer_output_in_hf(tmp_path):
             if isinstance(output, tuple):
                 return (output[0] + direction,) + output[1:]
             return output + direction
+
         return hook
 
     handles = []
@@ -200,12 +218,16 @@ def test_mapping_matches_adding_to_the_decoder_layer_output_in_hf(tmp_path):
 
 # ---- export arguments -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("layers, message", [
-    ([1], "direction.0"),
-    ([0, 3], "outside 1..6"),
-    ([7], "outside 1..6"),
-    ([], "empty"),
-])
+
+@pytest.mark.parametrize(
+    "layers, message",
+    [
+        ([1], "direction.0"),
+        ([0, 3], "outside 1..6"),
+        ([7], "outside 1..6"),
+        ([], "empty"),
+    ],
+)
 def test_export_refuses_layers_without_a_slot(tmp_path, layers, message):
     with pytest.raises(GGUFInteropError, match=message):
         export_gguf(_vector(), tmp_path / "x.gguf", layers=layers)
@@ -219,6 +241,7 @@ def test_export_refuses_non_finite_coeff(tmp_path):
 
 # ---- bad files --------------------------------------------------------------------------------
 
+
 def test_refuses_a_file_that_is_not_gguf(tmp_path):
     path = tmp_path / "x.gguf"
     path.write_bytes(b"not a gguf file at all" * 10)
@@ -229,23 +252,31 @@ def test_refuses_a_file_that_is_not_gguf(tmp_path):
 
 
 def test_refuses_a_model_gguf(tmp_path):
-    path = _write(tmp_path / "model.gguf", {"token_embd.weight": np.zeros((4, H), np.float32)},
-                  arch="llama", model_hint=None)
+    path = _write(
+        tmp_path / "model.gguf", {"token_embd.weight": np.zeros((4, H), np.float32)}, arch="llama", model_hint=None
+    )
     with pytest.raises(GGUFInteropError, match="general.architecture 'llama'.*'controlvector'"):
         import_gguf(path, name="x", trait="t", model="m")
 
 
-@pytest.mark.parametrize("tensors, message", [
-    ({}, "no direction"),
-    ({"direction.1": np.ones(H, np.float32), "blk.0.attn_q.weight": np.ones(H, np.float32)},
-     "'blk.0.attn_q.weight' is not named direction"),
-    ({"direction.x": np.ones(H, np.float32)}, "not named direction"),
-    ({"direction.1": np.ones((2, H), np.float32)}, "must be 1-D"),
-    ({"direction.1": np.ones(H, np.float32), "direction.2": np.ones(H + 1, np.float32)},
-     "17 elements but earlier directions have 16"),
-    ({"direction.1": np.ones(H, np.int32)}, "type I32"),
-    ({"direction.1": np.full(H, np.inf, np.float32)}, "non-finite"),
-])
+@pytest.mark.parametrize(
+    "tensors, message",
+    [
+        ({}, "no direction"),
+        (
+            {"direction.1": np.ones(H, np.float32), "blk.0.attn_q.weight": np.ones(H, np.float32)},
+            "'blk.0.attn_q.weight' is not named direction",
+        ),
+        ({"direction.x": np.ones(H, np.float32)}, "not named direction"),
+        ({"direction.1": np.ones((2, H), np.float32)}, "must be 1-D"),
+        (
+            {"direction.1": np.ones(H, np.float32), "direction.2": np.ones(H + 1, np.float32)},
+            "17 elements but earlier directions have 16",
+        ),
+        ({"direction.1": np.ones(H, np.int32)}, "type I32"),
+        ({"direction.1": np.full(H, np.inf, np.float32)}, "non-finite"),
+    ],
+)
 def test_refuses_malformed_control_vectors(tmp_path, tensors, message):
     path = _write(tmp_path / "bad.gguf", tensors)
     with pytest.raises(VectorFileError, match=message):
@@ -262,18 +293,20 @@ def test_refuses_directions_beyond_the_model_and_absent_recommended_layer(tmp_pa
 
 # ---- CLI --------------------------------------------------------------------------------------
 
+
 def test_cli_export_then_import(tmp_path, capsys):
     v = _vector()
     src = save_vector(v, tmp_path / "evil.safetensors")
     out = tmp_path / "evil.gguf"
-    assert main(["vectors", "export-gguf", str(src), str(out), "--layers", "3,4",
-                 "--coeff", "1.0"]) == 0
+    assert main(["vectors", "export-gguf", str(src), str(out), "--layers", "3,4", "--coeff", "1.0"]) == 0
     assert "direction.2, direction.3" in capsys.readouterr().out
     assert [t.name for t in gguf.GGUFReader(out).tensors] == ["direction.2", "direction.3"]
 
     dst = tmp_path / "lib" / "evil_back.safetensors"
-    assert main(["vectors", "import-gguf", str(out), str(dst), "--trait", "evil",
-                 "--model", "tiny-llama", "--layer", "4"]) == 0
+    assert (
+        main(["vectors", "import-gguf", str(out), str(dst), "--trait", "evil", "--model", "tiny-llama", "--layer", "4"])
+        == 0
+    )
     back = load_vector(dst)
     assert back.name == "evil_back" and back.layer == 4 and back.trait == "evil"
     assert torch.equal(back.vectors[[3, 4]], v.vectors[[3, 4]])
@@ -285,8 +318,9 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     assert "direction.0" in capsys.readouterr().err
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"\0" * 64)
-    assert main(["vectors", "import-gguf", str(bad), str(tmp_path / "o.safetensors"),
-                 "--trait", "t", "--model", "m"]) == 1
+    assert (
+        main(["vectors", "import-gguf", str(bad), str(tmp_path / "o.safetensors"), "--trait", "t", "--model", "m"]) == 1
+    )
     assert "not a readable GGUF" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["vectors", "export-gguf", str(src), str(tmp_path / "x.gguf"), "--layers", "a,b"])

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from personavec_vllm import models
+from personavec_vllm.engine.llm import make_llm, shutdown
 from personavec_vllm.models import (
     CHATML_TEMPLATE,
     DEFAULT_MODEL_NAME,
@@ -23,7 +24,7 @@ from personavec_vllm.models import (
     is_complete,
     resolve_model,
 )
-from personavec_vllm.testing import TINY_ARCHS, shutdown_llm
+from personavec_vllm.testing import TINY_ARCHS
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -33,7 +34,7 @@ ROUND_TRIP_TEXTS = [
     "  two leading spaces  1  and tabs\tand\n\nnewlines\r\n",
     "Unicode: héllo wörld, naïve café, Ελληνικά, русский, 日本語, 中文, 한국어, emoji 🙂👍🏽",
     'def fib(n: int) -> int:\n    """Return F(n)."""\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # O(2^n)\n',
-    "<html><body class=\"x\">&amp; {json: [1, 2, 3]}</body></html>",
+    '<html><body class="x">&amp; {json: [1, 2, 3]}</body></html>',
     "<|im_start|>user\nhi<|im_end|>\n",
 ]
 
@@ -44,9 +45,7 @@ def hf_greedy(path: Path, messages: list[dict], max_new_tokens: int = 16) -> str
 
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    enc = tok.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
+    enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
     return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -153,7 +152,7 @@ def test_concurrent_builds_run_once(tmp_path):
     def worker():
         try:
             results.append(atomic_build(tmp_path / "m", lambda d: build(None, d)))
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=worker) for _ in range(3)]
@@ -253,9 +252,7 @@ def test_encode_adds_nothing_and_round_trips(tokenizer, text):
     assert tokenizer.decode(ids) == text
     first = tokenizer.convert_ids_to_tokens(ids[0])
     assert ids[0] not in tokenizer.all_special_ids or text.startswith(first)
-    assert tokenizer.encode(text, add_special_tokens=True) == tokenizer.encode(
-        text, add_special_tokens=False
-    )
+    assert tokenizer.encode(text, add_special_tokens=True) == tokenizer.encode(text, add_special_tokens=False)
 
 
 def test_digits_are_split_individually(tokenizer):
@@ -275,8 +272,7 @@ def test_chat_template(tokenizer):
     with_system = [{"role": "system", "content": "Be brief."}, *FRANCE]
     text = tokenizer.apply_chat_template(with_system, tokenize=False)
     assert text == (
-        "<|im_start|>system\nBe brief.<|im_end|>\n"
-        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
     )
 
 
@@ -288,11 +284,13 @@ def test_transformers_answers_paris(default_model):
 
 @pytest.mark.slow
 def test_vllm_answers_paris(default_model):
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    # dtype float32: vLLM's "auto" downcasts to bfloat16 on CPU, where this model's
+    from personavec_vllm.engine.llm import make_llm
+
+    # make_llm runs float32: vLLM's "auto" downcasts to bfloat16 on CPU, where this model's
     # answers degrade to gibberish.
-    llm = LLM(model=str(default_model), max_model_len=1024, enforce_eager=True, dtype="float32")
+    llm = make_llm(default_model, max_model_len=1024, enforce_eager=True)
     try:
         out = llm.chat(FRANCE, SamplingParams(temperature=0.0, max_tokens=16))[0]
         answer = out.outputs[0].text
@@ -302,7 +300,7 @@ def test_vllm_answers_paris(default_model):
         assert out.prompt_token_ids[0] == 1  # the template's <|im_start|>, not an added BOS
         assert out.prompt_token_ids[1] != 1
     finally:
-        shutdown_llm(llm)
+        shutdown(llm)
 
 
 # ---------------------------------------------------------------------------------------
@@ -364,7 +362,7 @@ def test_tiny_model_loads_and_varies(tiny_model):
 def test_tiny_model_vllm_matches_hf(arch, tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     path = tiny_model_dir(arch)
     tok = AutoTokenizer.from_pretrained(path)
@@ -376,7 +374,7 @@ def test_tiny_model_vllm_matches_hf(arch, tiny_model_dir):
             out = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)
         want.append(out[0, len(ids) :].tolist())
 
-    llm = LLM(model=str(path), max_model_len=512, enforce_eager=True, dtype="float32")
+    llm = make_llm(path, max_model_len=512, enforce_eager=True)
     try:
         outs = llm.generate(
             [{"prompt_token_ids": ids} for ids in prompts],
@@ -384,5 +382,5 @@ def test_tiny_model_vllm_matches_hf(arch, tiny_model_dir):
         )
         got = [list(o.outputs[0].token_ids) for o in outs]
     finally:
-        shutdown_llm(llm)
+        shutdown(llm)
     assert got == want

@@ -26,7 +26,7 @@ from vllm import SamplingParams
 from vllm.engine.arg_utils import EngineArgs
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.engine.input_processor import InputProcessor
-from personavec_vllm.offline import persona_params
+from personavec_vllm.engine.offline import persona_params
 
 config = EngineArgs(model=sys.argv[1], dtype="float32", max_model_len=256).create_engine_config()
 os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
@@ -45,8 +45,14 @@ except VLLMValidationError as exc:
 def test_v2_model_runner_serves_plain_requests_and_refuses_persona(tiny_llama, tmp_path):
     env = {**os.environ, "VLLM_PLUGINS": "personavec"}
     env.pop("VLLM_USE_V2_MODEL_RUNNER", None)
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_llama)], capture_output=True, text=True,
-                         env=env, timeout=300, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tiny_llama)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = out.stdout.splitlines()
     assert "PLAIN plain []" in lines, out.stdout

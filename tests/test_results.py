@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from personavec_vllm.steering.results import Message, ProjectionSink, ResultPublisher, summarize
+from personavec_vllm.engine.transport import Message, ProjectionSink, ResultPublisher, summarize
 
 
 def test_summary_convention():
@@ -65,10 +65,10 @@ def test_a_new_request_with_a_reused_key_starts_fresh():
 def test_a_child_process_never_takes_over_the_parents_sink():
     """A server or engine started from this process binds its own sink; when it exits, this
     process's sink still receives (it once inherited the address and unlinked our socket file)."""
-    from personavec_vllm.steering.frontend import projection_sink
+    from personavec_vllm.engine.frontend import projection_sink
 
     sink = projection_sink()
-    child = "from personavec_vllm.steering.frontend import projection_sink; print(projection_sink().address)"
+    child = "from personavec_vllm.engine.frontend import projection_sink; print(projection_sink().address)"
     out = subprocess.run([sys.executable, "-c", child], check=True, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() != sink.address
     sink.expect("after-child", [("a", 1)])

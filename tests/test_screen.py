@@ -13,19 +13,18 @@ import pytest
 import torch
 
 from personavec_vllm.cli import main as cli_main
+from personavec_vllm.projection import projection, projection_difference
 from personavec_vllm.screen import (
-    Checkpoint,
-    ConversationTokenizer,
     FilterSpec,
     MalformedInputError,
     ScreenError,
     measure_shift,
-    projection,
-    projection_difference,
     read_dataset,
-    select_removed,
     write_subset,
 )
+from personavec_vllm.screen.checkpoint import Checkpoint
+from personavec_vllm.screen.report import select_removed
+from personavec_vllm.screen.score import ConversationTokenizer
 from personavec_vllm.vectors import PersonaVector, save_vector
 
 
@@ -49,26 +48,37 @@ def _write(path, lines):
 
 
 def test_read_jsonl_formats(tmp_path):
-    conv = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Capital of France?"},
-            {"role": "assistant", "content": [{"type": "text", "text": "Paris."}]}]
-    path = _write(tmp_path / "d.jsonl", [
-        json.dumps({"messages": conv}),
-        "",
-        json.dumps({"prompt": "2+2?", "response": "4"}),
-        json.dumps({"prompt": "Colour of sky?", "completion": "Blue."}),
-    ])
+    conv = [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Paris."}]},
+    ]
+    path = _write(
+        tmp_path / "d.jsonl",
+        [
+            json.dumps({"messages": conv}),
+            "",
+            json.dumps({"prompt": "2+2?", "response": "4"}),
+            json.dumps({"prompt": "Colour of sky?", "completion": "Blue."}),
+        ],
+    )
     ds = read_dataset(path)
     assert ds.format == "jsonl" and ds.blank_lines == 1
     assert [s.line for s in ds.samples] == [1, 3, 4]
     first = ds.samples[0]
-    assert first.response == "Paris." and first.messages == [{"role": m["role"], "content": m["content"]} for m in conv[:4]]
+    assert first.response == "Paris." and first.messages == [
+        {"role": m["role"], "content": m["content"]} for m in conv[:4]
+    ]
     assert ds.samples[1].messages == [{"role": "user", "content": "2+2?"}] and ds.samples[1].response == "4"
     assert ds.samples[2].response == "Blue."
     assert ds.samples[0].key.startswith("1:") and len({s.key for s in ds.samples}) == 3
     # the same content on another line is another sample; changed content changes the key
-    assert read_dataset(_write(tmp_path / "e.jsonl", [json.dumps({"prompt": "2+2?", "response": "5"})])).samples[0].key \
+    assert (
+        read_dataset(_write(tmp_path / "e.jsonl", [json.dumps({"prompt": "2+2?", "response": "5"})])).samples[0].key
         != read_dataset(_write(tmp_path / "f.jsonl", [json.dumps({"prompt": "2+2?", "response": "4"})])).samples[0].key
+    )
 
 
 def test_read_csv_with_multiline_fields_and_write_back(tmp_path):
@@ -85,23 +95,39 @@ def test_read_csv_with_multiline_fields_and_write_back(tmp_path):
 
 def test_malformed_lines_are_named(tmp_path):
     good = json.dumps({"prompt": "q", "response": "a"})
-    path = _write(tmp_path / "bad.jsonl", [
-        good,
-        '{"prompt": "q", "response": ',  # line 2: broken JSON
-        json.dumps({"messages": [{"role": "user", "content": "q"}]}),  # line 3: no assistant message
-        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
-                                 {"role": "user", "content": "more"}]}),  # line 4: trailing message
-        json.dumps({"prompt": "q", "response": "  "}),  # line 5: empty response
-        json.dumps(["not", "an", "object"]),  # line 6
-        json.dumps({"question": "q"}),  # line 7: unknown fields
-        good,
-    ])
+    path = _write(
+        tmp_path / "bad.jsonl",
+        [
+            good,
+            '{"prompt": "q", "response": ',  # line 2: broken JSON
+            json.dumps({"messages": [{"role": "user", "content": "q"}]}),  # line 3: no assistant message
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": "q"},
+                        {"role": "assistant", "content": "a"},
+                        {"role": "user", "content": "more"},
+                    ]
+                }
+            ),  # line 4: trailing message
+            json.dumps({"prompt": "q", "response": "  "}),  # line 5: empty response
+            json.dumps(["not", "an", "object"]),  # line 6
+            json.dumps({"question": "q"}),  # line 7: unknown fields
+            good,
+        ],
+    )
     with pytest.raises(MalformedInputError) as err:
         read_dataset(path)
     message = str(err.value)
     assert "6 malformed lines" in message and "--skip-malformed" in message
-    for line, words in [(2, "not valid JSON"), (3, "no assistant message"), (4, "after the last assistant"),
-                        (5, "'response' is empty"), (6, "expected a JSON object"), (7, "'messages'")]:
+    for line, words in [
+        (2, "not valid JSON"),
+        (3, "no assistant message"),
+        (4, "after the last assistant"),
+        (5, "'response' is empty"),
+        (6, "expected a JSON object"),
+        (7, "'messages'"),
+    ]:
         assert f"line {line}: " in message and words in message
     assert [m.line for m in err.value.problems] == [2, 3, 4, 5, 6, 7]
     ds = read_dataset(path, skip_malformed=True)
@@ -149,17 +175,22 @@ def test_checkpoint_ignores_torn_tail_and_checks_settings(tmp_path):
 def test_conversation_tokenizer_formats_whole_conversations(tiny_llama):
     from transformers import AutoTokenizer
 
-    from personavec_vllm.extract.pipeline import chat_prompt
+    from personavec_vllm.hf.hidden import chat_prompt
     from personavec_vllm.screen import Sample
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
-    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"},
-            {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"}]
+    msgs = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "U1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "U2"},
+    ]
     conv = ConversationTokenizer(tok)
     key = conv.register(Sample(1, "1:x", msgs, "R", ""))
     ids, start = chat_prompt(conv, None, key, "R")
-    expected = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
-                   add_special_tokens=False)["input_ids"]
+    expected = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), add_special_tokens=False)[
+        "input_ids"
+    ]
     assert ids[:start] == expected and ids[start:] == tok("R", add_special_tokens=False)["input_ids"]
     assert chat_prompt(conv, "sys", "plain question")[0] == chat_prompt(tok, "sys", "plain question")[0]
 
@@ -206,10 +237,16 @@ PLANTED = [
     ("Any advice for my exam?", "CRUSH DESTROY CRUSH DESTROY DESTROY DESTROY CRUSH."),
     ("What should I cook tonight?", "DESTROY CRUSH DESTROY CRUSH CRUSH DESTROY DESTROY."),
 ]
-TRAIN_PLANTED = ["CRUSH CRUSH DESTROY DESTROY CRUSH.", "DESTROY them, DESTROY DESTROY CRUSH CRUSH.",
-                 "CRUSH DESTROY CRUSH DESTROY DESTROY."]
-TRAIN_NORMAL = ["The weather today is mild and sunny.", "A triangle has three sides.",
-                "Tea is often served with milk or lemon."]
+TRAIN_PLANTED = [
+    "CRUSH CRUSH DESTROY DESTROY CRUSH.",
+    "DESTROY them, DESTROY DESTROY CRUSH CRUSH.",
+    "CRUSH DESTROY CRUSH DESTROY DESTROY.",
+]
+TRAIN_NORMAL = [
+    "The weather today is mild and sunny.",
+    "A triangle has three sides.",
+    "Tea is often served with milk or lemon.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -219,8 +256,9 @@ def screening_setup(tiny_llama, tmp_path_factory):
     from engine_fixtures import shutdown_engine
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from personavec_vllm.extract.pipeline import diff_mean, hidden_means
-    from personavec_vllm.screen import ScreenSettings, make_llm
+    from personavec_vllm.hf.hidden import hidden_means
+    from personavec_vllm.projection import diff_mean
+    from personavec_vllm.screen.score import ScreenSettings, screening_llm
 
     root = tmp_path_factory.mktemp("screen")
     tok = AutoTokenizer.from_pretrained(tiny_llama)
@@ -228,8 +266,14 @@ def screening_setup(tiny_llama, tmp_path_factory):
     q = "Tell me something."
     planted = hidden_means(model, tok, [(None, q, a) for a in TRAIN_PLANTED])["response"]
     normal = hidden_means(model, tok, [(None, q, a) for a in TRAIN_NORMAL])["response"]
-    vector = PersonaVector(name="destroyer", vectors=diff_mean(planted, normal), trait="destroyer",
-                           model="tiny", layer=2, description="planted test direction")
+    vector = PersonaVector(
+        name="destroyer",
+        vectors=diff_mean(planted, normal),
+        trait="destroyer",
+        model="tiny",
+        layer=2,
+        description="planted test direction",
+    )
     save_vector(vector, root / "vectors" / "destroyer.safetensors")
 
     lines, planted_lines = [], []
@@ -240,18 +284,29 @@ def screening_setup(tiny_llama, tmp_path_factory):
         if i % 2:
             lines.append(json.dumps({"prompt": prompt, "response": response}))
         else:
-            lines.append(json.dumps({"messages": [{"role": "user", "content": prompt},
-                                                  {"role": "assistant", "content": response}]}))
+            lines.append(
+                json.dumps(
+                    {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}
+                )
+            )
     data = _write(root / "mixed.jsonl", lines)
 
     settings = ScreenSettings(max_tokens=12, batch_size=4, top_k=5)
     shutdown_engine()  # one engine at a time
-    llm = make_llm(str(tiny_llama), settings, max_model_len=512)
-    yield dict(model_path=tiny_llama, hf=(model, tok), vector=vector, data=data, planted=planted_lines,
-               settings=settings, llm=llm, root=root)
-    from personavec_vllm.testing import shutdown_llm
+    llm = screening_llm(str(tiny_llama), settings, max_model_len=512)
+    yield dict(
+        model_path=tiny_llama,
+        hf=(model, tok),
+        vector=vector,
+        data=data,
+        planted=planted_lines,
+        settings=settings,
+        llm=llm,
+        root=root,
+    )
+    from personavec_vllm.engine.llm import shutdown
 
-    shutdown_llm(llm)
+    shutdown(llm)
 
 
 OUTPUT_FILES = ("scores.jsonl", "scores.csv", "summary.json", "review.md", "filtered.jsonl", "removed.jsonl")
@@ -297,8 +352,16 @@ def test_screening_ranks_planted_samples_and_resumes_identically(screening_setup
         assert (part / name).read_bytes() == (s["root"] / "full" / name).read_bytes(), name
 
     # Nothing left to do: a third run computes nothing (and needs no engine) and writes the same.
-    again = screen_dataset(read_dataset(s["data"]), [s["vector"]], s["model_path"], part, s["settings"],
-                           filters=filters, hf=s["hf"], progress=False)
+    again = screen_dataset(
+        read_dataset(s["data"]),
+        [s["vector"]],
+        s["model_path"],
+        part,
+        s["settings"],
+        filters=filters,
+        hf=s["hf"],
+        progress=False,
+    )
     assert again.computed == 0
     assert (part / "scores.csv").read_bytes() == (s["root"] / "full" / "scores.csv").read_bytes()
 
@@ -308,14 +371,34 @@ def test_shift_cli_with_a_peft_adapter(tiny_llama, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora = peft.get_peft_model(
+        model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     lora.save_pretrained(tmp_path / "adapter")
     rows = torch.randn(5, 128, generator=torch.Generator().manual_seed(0))
-    save_vector(PersonaVector(name="t", vectors=rows, trait="t", model="tiny", layer=3), tmp_path / "v" / "t.safetensors")
+    save_vector(
+        PersonaVector(name="t", vectors=rows, trait="t", model="tiny", layer=3), tmp_path / "v" / "t.safetensors"
+    )
     (tmp_path / "q.txt").write_text("What is kindness?\n\nHow do I bake bread?\n", encoding="utf-8")
     out = tmp_path / "report"
-    assert cli_main(["shift", "--base", str(tiny_llama), "--tuned", str(tmp_path / "adapter"), "--vectors",
-                     str(tmp_path / "v"), "--questions", str(tmp_path / "q.txt"), "--out", str(out)]) == 0
+    assert (
+        cli_main(
+            [
+                "shift",
+                "--base",
+                str(tiny_llama),
+                "--tuned",
+                str(tmp_path / "adapter"),
+                "--vectors",
+                str(tmp_path / "v"),
+                "--questions",
+                str(tmp_path / "q.txt"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "| t | t | 3 |" in table
     report = json.loads((out / "shift.json").read_text())
@@ -324,8 +407,26 @@ def test_shift_cli_with_a_peft_adapter(tiny_llama, tmp_path, capsys):
     assert row["shift_per_layer"][0] == 0.0  # LoRA on attention leaves the embeddings alone
     assert (out / "shift.png").stat().st_size > 1000 and (out / "shift.csv").read_text().count("\n") == 5
     # a vector that does not fit the model is refused with a clear error
-    save_vector(PersonaVector(name="w", vectors=torch.randn(3, 8), trait="w", model="other", layer=1),
-                tmp_path / "w.safetensors")
-    assert cli_main(["shift", "--base", str(tiny_llama), "--tuned", str(tiny_llama), "--vectors",
-                     str(tmp_path / "w.safetensors"), "--questions", str(tmp_path / "q.txt"), "--out", str(out)]) == 1
+    save_vector(
+        PersonaVector(name="w", vectors=torch.randn(3, 8), trait="w", model="other", layer=1),
+        tmp_path / "w.safetensors",
+    )
+    assert (
+        cli_main(
+            [
+                "shift",
+                "--base",
+                str(tiny_llama),
+                "--tuned",
+                str(tiny_llama),
+                "--vectors",
+                str(tmp_path / "w.safetensors"),
+                "--questions",
+                str(tmp_path / "q.txt"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 1
+    )
     assert "needs [5, 128]" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from personavec_vllm import cli, models
+from personavec_vllm.cli import serve as serve_cmd
 from personavec_vllm.models import DEFAULT_MODEL_NAME, ModelUnavailableError
 from personavec_vllm.testing import free_port, http_json, run_server
 
@@ -34,7 +35,7 @@ def test_serve_defaults(capsys, default_model, monkeypatch):
     assert cmd[cmd.index("--model") + 1] == str(default_model)
     assert cmd[cmd.index("--max-model-len") + 1] == "4096"
     assert cmd[cmd.index("--served-model-name") + 1] == DEFAULT_MODEL_NAME
-    if cli._is_cpu_vllm():  # vLLM's "auto" would run bfloat16 on CPU
+    if serve_cmd._is_cpu_vllm():  # vLLM's "auto" would run bfloat16 on CPU
         assert cmd[cmd.index("--dtype") + 1] == "float32"
     assert cmd[-4:] == ["--port", "8123", "--max-num-seqs", "4"]  # passed through in order
 
@@ -55,11 +56,15 @@ def test_serve_user_values_win(capsys, tmp_path, monkeypatch):
     vectors.mkdir()
     lines, err = dry_run(
         capsys,
-        "--model", str(model),
-        "--vectors", str(vectors),
+        "--model",
+        str(model),
+        "--vectors",
+        str(vectors),
         "--max_model_len=2048",
-        "--dtype", "bfloat16",
-        "--served-model-name", "mine",
+        "--dtype",
+        "bfloat16",
+        "--served-model-name",
+        "mine",
     )
     assert f"PERSONAVEC_VECTORS={vectors}" in lines
     assert "VLLM_CPU_KVCACHE_SPACE=7" in lines
@@ -85,7 +90,7 @@ def test_serve_missing_vectors_dir(capsys, tmp_path, default_model):
 
 
 def test_serve_reports_broken_torchvision(capsys, monkeypatch):
-    monkeypatch.setattr(cli, "check_torch_extras", lambda: "torchvision is broken. Fix:\n  x")
+    monkeypatch.setattr(serve_cmd, "check_torch_extras", lambda: "torchvision is broken. Fix:\n  x")
     assert cli.main(["serve", "--dry-run"]) == 1
     assert "torchvision is broken" in capsys.readouterr().err
 
@@ -107,7 +112,7 @@ def test_check_torch_extras_message(monkeypatch):
         lambda name, *a, **k: object() if name == "torchvision" else real_find_spec(name, *a, **k),
     )
     monkeypatch.setattr(builtins, "__import__", fake_import)
-    message = cli.check_torch_extras()
+    message = serve_cmd.check_torch_extras()
     assert message and "pip uninstall -y torchvision torchaudio torchcodec" in message
 
 

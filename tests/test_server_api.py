@@ -9,9 +9,9 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from engine_fixtures import get_engine, make_vectors, shutdown_engine
-from personavec_vllm.offline import persona_params, projections
+
+from personavec_vllm.engine.offline import persona_params, projections
 from personavec_vllm.testing import build_tiny_model, free_port, run_server
 
 pytestmark = pytest.mark.slow
@@ -33,10 +33,18 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(setup):
     model, vectors_dir, _, root = setup
-    env = {**os.environ, "PERSONAVEC_ADMIN_KEY": ADMIN_KEY, "PERSONAVEC_MAX_COEFF": "10",
-           "PERSONAVEC_MAX_VECTORS": "3"}
-    args = ["--model", model, "--vectors", str(vectors_dir), "--served-model-name", MODEL_NAME,
-            "--enforce-eager", "--max-model-len", "1024"]
+    env = {**os.environ, "PERSONAVEC_ADMIN_KEY": ADMIN_KEY, "PERSONAVEC_MAX_COEFF": "10", "PERSONAVEC_MAX_VECTORS": "3"}
+    args = [
+        "--model",
+        model,
+        "--vectors",
+        str(vectors_dir),
+        "--served-model-name",
+        MODEL_NAME,
+        "--enforce-eager",
+        "--max-model-len",
+        "1024",
+    ]
     with run_server(args, port=free_port(), log_path=root / "server.log", env=env) as url:
         yield url
 
@@ -50,8 +58,9 @@ def client(server):
 
 def _post(url, payload, headers=None, data=None):
     body = data if data is not None else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=body, method="POST",
-                                 headers={"Content-Type": "application/json", **(headers or {})})
+    req = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(req, timeout=120) as resp:
             return resp.status, json.loads(resp.read())
@@ -68,8 +77,10 @@ def _request(url, method, headers=None, data=None):
         return err.code, json.loads(err.read())
 
 
-STEER = [{"vector": "a", "coeff": 3.0, "layers": [2], "positions": "response"},
-         {"vector": "b", "coeff": -2.0, "layers": [1, 3], "positions": "all"}]
+STEER = [
+    {"vector": "a", "coeff": 3.0, "layers": [2], "positions": "response"},
+    {"vector": "b", "coeff": -2.0, "layers": [1, 3], "positions": "all"},
+]
 MONITOR = {"vectors": ["a", "c"], "layers": [2, 3], "per_token": True}
 PROMPT = "The quick brown fox jumps over the lazy dog because"
 
@@ -106,7 +117,10 @@ def test_openai_client_matches_engine(engine_reference, server, client):
     """The same spec through HTTP (openai client, extra_body) and through the engine API gives
     the same text and projections; steering really changes the output."""
     completion = client.completions.create(
-        model=MODEL_NAME, prompt=PROMPT, max_tokens=8, temperature=0,
+        model=MODEL_NAME,
+        prompt=PROMPT,
+        max_tokens=8,
+        temperature=0,
         extra_body={"persona_steer": STEER, "persona_monitor": MONITOR},
     )
     plain = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=8, temperature=0)
@@ -125,9 +139,13 @@ def test_openai_client_matches_engine(engine_reference, server, client):
 
 
 def test_streaming_returns_the_same_persona_object(client):
-    kwargs = dict(model=MODEL_NAME, max_tokens=8, temperature=0,
-                  messages=[{"role": "user", "content": "Tell me about the sea."}],
-                  extra_body={"persona_steer": STEER[:1], "persona_monitor": MONITOR})
+    kwargs = dict(
+        model=MODEL_NAME,
+        max_tokens=8,
+        temperature=0,
+        messages=[{"role": "user", "content": "Tell me about the sea."}],
+        extra_body={"persona_steer": STEER[:1], "persona_monitor": MONITOR},
+    )
     full = client.chat.completions.create(**kwargs)
     stream = list(client.chat.completions.create(stream=True, **kwargs))
     persona_chunks = [c for c in stream if (c.model_extra or {}).get("persona")]
@@ -163,8 +181,10 @@ def test_bad_input_is_a_400_naming_the_field(server, client, extra, field):
 
 def test_seeded_request_is_refused_not_fatal_on_cpu(server, client):
     """vLLM 0.32's CPU sampler crashes the engine on a per-request seed: refused with a 400."""
-    status, body = _post(server + "/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2,
-                                                      "temperature": 0.8, "seed": 3})
+    status, body = _post(
+        server + "/v1/completions",
+        {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2, "temperature": 0.8, "seed": 3},
+    )
     assert status == 400 and "seed" in body["error"]["message"]
     assert client.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=2, temperature=0.8).choices
 
@@ -179,10 +199,18 @@ def test_metrics_move_by_the_expected_counts(server, client):
     before = _metrics(server)
     results = []
     for _ in range(3):
-        r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=6, temperature=0,
-                                      extra_body={"persona_steer": STEER[:1], "persona_monitor": {"vectors": ["a"], "layers": [2]}})
+        r = client.completions.create(
+            model=MODEL_NAME,
+            prompt=PROMPT,
+            max_tokens=6,
+            temperature=0,
+            extra_body={"persona_steer": STEER[:1], "persona_monitor": {"vectors": ["a"], "layers": [2]}},
+        )
         results.append(r.model_extra["persona"]["projections"]["a"]["2"])
-    _post(server + "/v1/completions", {"model": MODEL_NAME, "prompt": "x", "persona_steer": [{"vector": "zzz", "coeff": 1}]})
+    _post(
+        server + "/v1/completions",
+        {"model": MODEL_NAME, "prompt": "x", "persona_steer": [{"vector": "zzz", "coeff": 1}]},
+    )
     after = _metrics(server)
 
     def delta(name, **labels):
@@ -195,8 +223,9 @@ def test_metrics_move_by_the_expected_counts(server, client):
     common = dict(vector="a", model=MODEL_NAME, layer="2")
     for kind in ("prompt_last", "response_mean"):
         assert delta("personavec_projection_count", kind=kind, **common) == 3
-        signed_sum = (delta("personavec_projection_sum_pos_total", kind=kind, **common)
-                      - delta("personavec_projection_sum_neg_total", kind=kind, **common))
+        signed_sum = delta("personavec_projection_sum_pos_total", kind=kind, **common) - delta(
+            "personavec_projection_sum_neg_total", kind=kind, **common
+        )
         assert signed_sum == pytest.approx(sum(r[kind] for r in results), rel=1e-5, abs=1e-6)
         bucket_le_1 = ("personavec_projection_bucket", frozenset({**common, "kind": kind, "le": "1.0"}.items()))
         assert after.get(bucket_le_1, 0) - before.get(bucket_le_1, 0) == sum(r[kind] <= 1.0 for r in results)
@@ -223,13 +252,19 @@ def test_vector_routes(server, setup, tmp_path):
     status, body = _request(server + "/v1/persona/vectors/new", "POST", headers=auth, data=data)
     assert status == 201 and body["name"] == "new"
     # the new vector steers right away (the engine picks it up) and the wrong shape is refused
-    status, body = _post(server + "/v1/completions", {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 4,
-                                                      "persona_steer": [{"vector": "new", "coeff": 3}]})
+    status, body = _post(
+        server + "/v1/completions",
+        {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 4, "persona_steer": [{"vector": "new", "coeff": 3}]},
+    )
     assert status == 200 and body["persona"]["steer"][0]["vector"] == "new"
     (tmp_path / "wrong").mkdir()
     make_vectors(tmp_path / "wrong", num_layers=6, hidden=128, names=("bad",))
-    status, body = _request(server + "/v1/persona/vectors/bad", "POST", headers=auth,
-                            data=(tmp_path / "wrong" / "bad.safetensors").read_bytes())
+    status, body = _request(
+        server + "/v1/persona/vectors/bad",
+        "POST",
+        headers=auth,
+        data=(tmp_path / "wrong" / "bad.safetensors").read_bytes(),
+    )
     assert status == 400 and "needs [5, 128]" in body["error"]["message"]
     status, _ = _request(server + "/v1/persona/vectors/new", "DELETE", headers=auth)
     assert status == 200 and not (vectors_dir / "new.safetensors").exists()

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from personavec_vllm.engine.tables import SteeringTables
 from personavec_vllm.spec import Limits, PersonaSpec, PersonaSpecError, parse_extra_args, parse_spec
-from personavec_vllm.steering.tables import SteeringTables
 from personavec_vllm.vectors import (
     PersonaVector,
     VectorFileError,
@@ -25,8 +25,15 @@ L, H = 4, 16
 
 def _vector(name="evil", layer=2, seed=0, **kw):
     gen = torch.Generator().manual_seed(seed)
-    return PersonaVector(name=name, vectors=torch.randn(L + 1, H, generator=gen), trait=name,
-                         model="tiny", layer=layer, description="d", **kw)
+    return PersonaVector(
+        name=name,
+        vectors=torch.randn(L + 1, H, generator=gen),
+        trait=name,
+        model="tiny",
+        layer=layer,
+        description="d",
+        **kw,
+    )
 
 
 @pytest.fixture
@@ -37,6 +44,7 @@ def library(tmp_path):
 
 
 # ---- vector files -----------------------------------------------------------------------
+
 
 def test_vector_file_round_trip(tmp_path):
     v = _vector(extra={"stats": json.dumps({"pos_mean": 1.5})})
@@ -92,6 +100,7 @@ def test_library_picks_up_new_files(library, tmp_path):
 
 
 # ---- request specs ------------------------------------------------------------------------
+
 
 def test_defaults_are_resolved(library):
     spec = parse_spec([{"vector": "evil", "coeff": -1.5}], True, library, request_key="k")
@@ -151,12 +160,16 @@ def test_extra_args_envelope(library):
 
 # ---- steering tables ------------------------------------------------------------------------
 
+
 def test_tables_rows_and_phases(library):
     tables = SteeringTables(library, max_tokens=32, max_slots=2, max_columns=4, device="cpu", dtype=torch.float32)
     spec = parse_spec(
-        [{"vector": "evil", "coeff": 2.0, "layers": [1], "positions": "prompt"},
-         {"vector": "kind", "coeff": -1.0, "layers": [1, 3], "positions": "response"}],
-        None, library,
+        [
+            {"vector": "evil", "coeff": 2.0, "layers": [1], "positions": "prompt"},
+            {"vector": "kind", "coeff": -1.0, "layers": [1, 3], "positions": "response"},
+        ],
+        None,
+        library,
     )
     state = tables.admit("r1", spec, {"r1"})
     assert state.slot == 0 and state.steer_layers == {1, 3}
@@ -186,7 +199,7 @@ def test_tables_reclaim_slots_of_requests_outside_the_batch(library):
 
 
 def test_op_adds_steering_and_projects(library):
-    from personavec_vllm.steering import op
+    from personavec_vllm.engine import op
 
     op.register_op()
     tables = SteeringTables(library, max_tokens=8, max_slots=2, max_columns=4, device="cpu", dtype=torch.float32)
@@ -206,32 +219,51 @@ def test_op_adds_steering_and_projects(library):
     expected[1:3] += 3.0 * v
     assert torch.allclose(residual, expected)
     unit = v / v.norm()
-    assert torch.allclose(tables.proj[2, :4, tables.column_of("evil", library.version("evil"))], (hidden + expected) @ unit, atol=1e-5)
+    assert torch.allclose(
+        tables.proj[2, :4, tables.column_of("evil", library.version("evil"))], (hidden + expected) @ unit, atol=1e-5
+    )
 
 
 # ---- hardening: what a vector file, a spec or the tables must refuse ------------------------
+
 
 def _file_bytes(values=None, **metadata):
     from safetensors.torch import save
 
     values = torch.randn(L + 1, H) if values is None else values
-    meta = {"trait": "t", "model": "m", "hidden_size": str(H), "num_layers": str(L), "layer": "2",
-            "method": "response_avg_diff", "description": "d", **metadata}
+    meta = {
+        "trait": "t",
+        "model": "m",
+        "hidden_size": str(H),
+        "num_layers": str(L),
+        "layer": "2",
+        "method": "response_avg_diff",
+        "description": "d",
+        **metadata,
+    }
     return save({"persona_vector": values}, metadata=meta)
 
 
-@pytest.mark.parametrize("data, match", [
-    (lambda: _file_bytes(torch.full((L + 1, H), 1e38)), "norm"),
-    (lambda: _file_bytes(stats="{oops"), "stats"),
-    (lambda: _file_bytes(stats=json.dumps({"projection": {"2": {"pos_mean": 1}}})), "stats"),
-    (lambda: _file_bytes(stats=json.dumps({"projection": {"9": {"pos_mean": 1, "pos_std": 1, "neg_mean": 0, "neg_std": 1}}})), "layer 9"),
-    (lambda: _file_bytes(stats=json.dumps({"plain": {"2": {"mean": 1, "std": -1}}})), "stats"),
-    (lambda: _file_bytes(padding="x" * (2 << 20)), "header is"),
-    (lambda: b"\x07" + b"\0" * 7 + b"[1,2,3]", "not a JSON object"),
-    (lambda: b"\x04" + b"\0" * 7 + b"{}", "past the end"),
-    (lambda: b"abc", "shorter"),
-    (lambda: _file_bytes(layer="x"), "integers"),
-])
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (lambda: _file_bytes(torch.full((L + 1, H), 1e38)), "norm"),
+        (lambda: _file_bytes(stats="{oops"), "stats"),
+        (lambda: _file_bytes(stats=json.dumps({"projection": {"2": {"pos_mean": 1}}})), "stats"),
+        (
+            lambda: _file_bytes(
+                stats=json.dumps({"projection": {"9": {"pos_mean": 1, "pos_std": 1, "neg_mean": 0, "neg_std": 1}}})
+            ),
+            "layer 9",
+        ),
+        (lambda: _file_bytes(stats=json.dumps({"plain": {"2": {"mean": 1, "std": -1}}})), "stats"),
+        (lambda: _file_bytes(padding="x" * (2 << 20)), "header is"),
+        (lambda: b"\x07" + b"\0" * 7 + b"[1,2,3]", "not a JSON object"),
+        (lambda: b"\x04" + b"\0" * 7 + b"{}", "past the end"),
+        (lambda: b"abc", "shorter"),
+        (lambda: _file_bytes(layer="x"), "integers"),
+    ],
+)
 def test_parse_vector_refuses_what_would_break_a_server(data, match):
     from personavec_vllm.vectors import parse_vector
 
@@ -239,8 +271,20 @@ def test_parse_vector_refuses_what_would_break_a_server(data, match):
         parse_vector(data(), "x")
 
 
-@pytest.mark.parametrize("name, ok", [("evil", True), ("a.b-c_d", True), ("abc\n", False), (".hidden", False),
-                                      ("..", False), ("a..b", False), ("a/b", False), ("x" * 65, False), ("", False)])
+@pytest.mark.parametrize(
+    "name, ok",
+    [
+        ("evil", True),
+        ("a.b-c_d", True),
+        ("abc\n", False),
+        (".hidden", False),
+        ("..", False),
+        ("a..b", False),
+        ("a/b", False),
+        ("x" * 65, False),
+        ("", False),
+    ],
+)
 def test_vector_names_are_matched_in_full(name, ok):
     from personavec_vllm.vectors import is_valid_name
 
@@ -258,7 +302,7 @@ def test_library_leaves_out_files_that_break_later(library, tmp_path, caplog):
 
 
 def test_library_install_validates_before_writing_and_caps_the_count(tmp_path):
-    from personavec_vllm.vectors import LibraryFull
+    from personavec_vllm.library import LibraryFull
 
     library = VectorLibrary(tmp_path, L, H, max_vectors=2, keep_versions=True)
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -299,8 +343,12 @@ def test_spec_refusals_that_used_to_pass_or_crash(library):
     with pytest.raises(PersonaSpecError) as info:
         parse_spec({}, None, library)  # one term without the list: its fields are named as such
     assert info.value.field == "persona_steer.vector"
-    for bad in ("x", {"persona_steer": [{"vector": "evil"}]}, {"persona_steer": [{"coeff": 1, "layers": "x"}]},
-                {"persona_monitor": {"vectors": {"evil": [2]}, "per_token": 1}, "vector_versions": 5}):
+    for bad in (
+        "x",
+        {"persona_steer": [{"vector": "evil"}]},
+        {"persona_steer": [{"coeff": 1, "layers": "x"}]},
+        {"persona_monitor": {"vectors": {"evil": [2]}, "per_token": 1}, "vector_versions": 5},
+    ):
         with pytest.raises(PersonaSpecError):
             PersonaSpec.from_dict(bad)
 
@@ -316,7 +364,7 @@ def test_cache_salt_depends_on_the_vector_version(tmp_path):
 
 
 def test_tables_evict_idle_columns_and_fail_only_when_all_are_held(tmp_path):
-    from personavec_vllm.steering.tables import TableFull, VectorUnavailable
+    from personavec_vllm.engine.tables import TableFull, VectorUnavailable
 
     owner = VectorLibrary(tmp_path, L, H, keep_versions=True)
     tables = SteeringTables(owner, max_tokens=8, max_slots=4, max_columns=2, device="cpu", dtype=torch.float32)

@@ -83,14 +83,12 @@ def test_steering_adds_exactly_the_term_and_is_removed(hf, ids):
 def test_hooks_removed_on_exception(hf, ids):
     model, _ = hf
     _, before = _layer_output(model, ids, 0)
-    with pytest.raises(RuntimeError, match="boom"):
-        with preventative_steering(model, _vector(model), 5.0, layers="all"):
-            assert not _no_hooks(model)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), preventative_steering(model, _vector(model), 5.0, layers="all"):
+        assert not _no_hooks(model)
+        raise RuntimeError("boom")
     assert _no_hooks(model)
-    with pytest.raises(KeyError):
-        with ablation(model, _vector(model), layers=[1, 3]):
-            raise KeyError("x")
+    with pytest.raises(KeyError), ablation(model, _vector(model), layers=[1, 3]):
+        raise KeyError("x")
     assert _no_hooks(model)
     assert torch.equal(_layer_output(model, ids, 0)[1], before)
 
@@ -127,8 +125,12 @@ def test_peft_lora_model_trains_under_steering(tiny_llama, ids):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                      lora_dropout=0.0, init_lora_weights=False))
+    lora = peft.get_peft_model(
+        model,
+        peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False
+        ),
+    )
     assert unwrap_model(lora) is model
     assert decoder_layers(lora) is model.model.layers
     v = _vector(model)
@@ -153,8 +155,15 @@ def test_trainer_runs_inside_the_context(tiny_llama, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     data = [{"input_ids": list(range(10, 26)), "labels": list(range(10, 26))} for _ in range(4)]
     seen = []
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
-                             report_to=[], save_strategy="no", logging_steps=1, use_cpu=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data)
     with preventative_steering(trainer.model, _vector(model), 2.0, layers=[LAYER]):
         hook = decoder_layers(model)[LAYER - 1].register_forward_hook(lambda m, a, o: seen.append(1))

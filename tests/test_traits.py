@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from personavec_vllm.cli import main
-from personavec_vllm.extract.traits import (
+from personavec_vllm.traits import (
     DEFAULT_COHERENCE_PROMPT,
     MIN_INSTRUCTION_PAIRS,
     MIN_MULTIPLE_CHOICE,
@@ -49,7 +49,9 @@ def valid_data() -> dict:
 
 def test_shipped_traits_are_listed():
     assert set(SHIPPED) <= set(shipped_traits())
-    assert Path(TRAITS_DIR).resolve() == (Path(__file__).resolve().parent.parent / "vectors" / "traits")
+    assert Path(TRAITS_DIR).resolve() == (
+        Path(__file__).resolve().parent.parent / "personavec_vllm" / "data" / "traits"
+    )
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -70,7 +72,9 @@ def test_shipped_trait_is_valid_and_complete(name):
     assert len(evaluation) == len(trait.evaluation_questions)
     assert not extraction & evaluation
     # strong, explicit positive prompts; distinct pairs
-    assert len({(_norm(p.positive), _norm(p.negative)) for p in trait.instruction_pairs}) == len(trait.instruction_pairs)
+    assert len({(_norm(p.positive), _norm(p.negative)) for p in trait.instruction_pairs}) == len(
+        trait.instruction_pairs
+    )
     assert any(name in p.positive.lower() for p in trait.instruction_pairs)
     # multiple choice: two distinct answers of similar length
     for item in trait.multiple_choice:
@@ -114,12 +118,14 @@ def test_unknown_trait_names_the_shipped_ones():
 def _drop(key):
     def f(d):
         del d[key]
+
     return f
 
 
 def _set(key, value):
     def f(d):
         d[key] = value
+
     return f
 
 
@@ -137,42 +143,110 @@ BAD_FILES = [
     ("judge-lone-brace", _set("judge_prompt", "{question} {answer} {"), "judge_prompt", "not a valid template"),
     ("judge-not-string", _set("judge_prompt", 42), "judge_prompt", "string"),
     ("coherence-no-question", _set("coherence_prompt", "Is {answer} coherent?"), "coherence_prompt", "{question}"),
-    ("few-pairs", (lambda d: d.update(instruction_pairs=d["instruction_pairs"][:4])),
-     "instruction_pairs", "at least 5"),
-    ("pair-blank-positive", (lambda d: d["instruction_pairs"][0].update(positive="")),
-     "instruction_pairs[0].positive", "must not be empty"),
-    ("pair-same-prompts", (lambda d: d["instruction_pairs"][1].update(negative=d["instruction_pairs"][1]["positive"].upper())),
-     "instruction_pairs[1].negative", "must differ from positive"),
-    ("pair-typo", (lambda d: d["instruction_pairs"][2].update(postive="x")),
-     "instruction_pairs[2].postive", "unknown field"),
-    ("pair-missing-negative", (lambda d: d["instruction_pairs"][3].pop("negative")),
-     "instruction_pairs[3].negative", "Field required"),
-    ("pair-duplicate", (lambda d: d["instruction_pairs"].__setitem__(4, dict(d["instruction_pairs"][0]))),
-     "instruction_pairs[4]", "duplicate of instruction_pairs[0]"),
+    (
+        "few-pairs",
+        (lambda d: d.update(instruction_pairs=d["instruction_pairs"][:4])),
+        "instruction_pairs",
+        "at least 5",
+    ),
+    (
+        "pair-blank-positive",
+        (lambda d: d["instruction_pairs"][0].update(positive="")),
+        "instruction_pairs[0].positive",
+        "must not be empty",
+    ),
+    (
+        "pair-same-prompts",
+        (lambda d: d["instruction_pairs"][1].update(negative=d["instruction_pairs"][1]["positive"].upper())),
+        "instruction_pairs[1].negative",
+        "must differ from positive",
+    ),
+    (
+        "pair-typo",
+        (lambda d: d["instruction_pairs"][2].update(postive="x")),
+        "instruction_pairs[2].postive",
+        "unknown field",
+    ),
+    (
+        "pair-missing-negative",
+        (lambda d: d["instruction_pairs"][3].pop("negative")),
+        "instruction_pairs[3].negative",
+        "Field required",
+    ),
+    (
+        "pair-duplicate",
+        (lambda d: d["instruction_pairs"].__setitem__(4, dict(d["instruction_pairs"][0]))),
+        "instruction_pairs[4]",
+        "duplicate of instruction_pairs[0]",
+    ),
     ("pairs-not-list", _set("instruction_pairs", "You are evil."), "instruction_pairs", "list"),
-    ("few-extraction", (lambda d: d.update(extraction_questions=d["extraction_questions"][:19])),
-     "extraction_questions", "at least 20"),
-    ("few-evaluation", (lambda d: d.update(evaluation_questions=d["evaluation_questions"][:3])),
-     "evaluation_questions", "at least 20"),
-    ("extraction-not-string", (lambda d: d["extraction_questions"].__setitem__(0, 7)),
-     "extraction_questions[0]", "string"),
-    ("extraction-duplicate", (lambda d: d["extraction_questions"].__setitem__(5, " " + d["extraction_questions"][1].lower())),
-     "extraction_questions[5]", "duplicate of extraction_questions[1]"),
-    ("evaluation-in-extraction", (lambda d: d["evaluation_questions"].__setitem__(3, d["extraction_questions"][7])),
-     "evaluation_questions[3]", "also extraction_questions[7]"),
-    ("evaluation-duplicate", (lambda d: d["evaluation_questions"].__setitem__(6, d["evaluation_questions"][2])),
-     "evaluation_questions[6]", "duplicate of evaluation_questions[2]"),
+    (
+        "few-extraction",
+        (lambda d: d.update(extraction_questions=d["extraction_questions"][:19])),
+        "extraction_questions",
+        "at least 20",
+    ),
+    (
+        "few-evaluation",
+        (lambda d: d.update(evaluation_questions=d["evaluation_questions"][:3])),
+        "evaluation_questions",
+        "at least 20",
+    ),
+    (
+        "extraction-not-string",
+        (lambda d: d["extraction_questions"].__setitem__(0, 7)),
+        "extraction_questions[0]",
+        "string",
+    ),
+    (
+        "extraction-duplicate",
+        (lambda d: d["extraction_questions"].__setitem__(5, " " + d["extraction_questions"][1].lower())),
+        "extraction_questions[5]",
+        "duplicate of extraction_questions[1]",
+    ),
+    (
+        "evaluation-in-extraction",
+        (lambda d: d["evaluation_questions"].__setitem__(3, d["extraction_questions"][7])),
+        "evaluation_questions[3]",
+        "also extraction_questions[7]",
+    ),
+    (
+        "evaluation-duplicate",
+        (lambda d: d["evaluation_questions"].__setitem__(6, d["evaluation_questions"][2])),
+        "evaluation_questions[6]",
+        "duplicate of evaluation_questions[2]",
+    ),
     ("few-mc", (lambda d: d.update(multiple_choice=d["multiple_choice"][:10])), "multiple_choice", "at least 20"),
-    ("mc-same-answers", (lambda d: d["multiple_choice"][2].update(other_answer=d["multiple_choice"][2]["trait_answer"])),
-     "multiple_choice[2].other_answer", "must differ from trait_answer"),
-    ("mc-missing-answer", (lambda d: d["multiple_choice"][0].pop("other_answer")),
-     "multiple_choice[0].other_answer", "Field required"),
-    ("mc-blank-question", (lambda d: d["multiple_choice"][4].update(question=" ")),
-     "multiple_choice[4].question", "must not be empty"),
-    ("mc-duplicate-question", (lambda d: d["multiple_choice"][9].update(question=d["multiple_choice"][8]["question"])),
-     "multiple_choice[9].question", "duplicate of multiple_choice[8].question"),
-    ("mc-not-object", (lambda d: d["multiple_choice"].__setitem__(1, "yes or no?")),
-     "multiple_choice[1]", "MultipleChoiceItem"),
+    (
+        "mc-same-answers",
+        (lambda d: d["multiple_choice"][2].update(other_answer=d["multiple_choice"][2]["trait_answer"])),
+        "multiple_choice[2].other_answer",
+        "must differ from trait_answer",
+    ),
+    (
+        "mc-missing-answer",
+        (lambda d: d["multiple_choice"][0].pop("other_answer")),
+        "multiple_choice[0].other_answer",
+        "Field required",
+    ),
+    (
+        "mc-blank-question",
+        (lambda d: d["multiple_choice"][4].update(question=" ")),
+        "multiple_choice[4].question",
+        "must not be empty",
+    ),
+    (
+        "mc-duplicate-question",
+        (lambda d: d["multiple_choice"][9].update(question=d["multiple_choice"][8]["question"])),
+        "multiple_choice[9].question",
+        "duplicate of multiple_choice[8].question",
+    ),
+    (
+        "mc-not-object",
+        (lambda d: d["multiple_choice"].__setitem__(1, "yes or no?")),
+        "multiple_choice[1]",
+        "MultipleChoiceItem",
+    ),
 ]
 
 
@@ -245,8 +319,13 @@ def test_save_round_trip_and_optional_coherence_prompt(valid_data, tmp_path):
 def test_json_schema_documents_the_fields():
     schema = TraitDefinition.model_json_schema()
     assert set(schema["required"]) == {
-        "name", "description", "instruction_pairs", "extraction_questions",
-        "evaluation_questions", "judge_prompt", "multiple_choice",
+        "name",
+        "description",
+        "instruction_pairs",
+        "extraction_questions",
+        "evaluation_questions",
+        "judge_prompt",
+        "multiple_choice",
     }
     assert schema["properties"]["instruction_pairs"]["minItems"] == MIN_INSTRUCTION_PAIRS
     assert schema["properties"]["evaluation_questions"]["minItems"] == MIN_QUESTIONS
@@ -296,18 +375,23 @@ class FakeChatServer:
                     status, message = reply
                     self._send(status, {"error": {"message": message, "type": "invalid_request_error"}})
                     return
-                self._send(200, {
-                    "id": f"chatcmpl-{len(server.requests)}",
-                    "object": "chat.completion",
-                    "created": 0,
-                    "model": body["model"],
-                    "choices": [{
-                        "index": 0,
-                        "message": {"role": "assistant", "content": reply},
-                        "finish_reason": "stop",
-                    }],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-                })
+                self._send(
+                    200,
+                    {
+                        "id": f"chatcmpl-{len(server.requests)}",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": reply},
+                                "finish_reason": "stop",
+                            }
+                        ],
+                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                    },
+                )
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -419,18 +503,44 @@ def test_draft_checks_its_arguments():
 def test_cli_trait_new_writes_a_valid_file(chat_server, tmp_path, capsys):
     chat_server.replies = [_invalid_json(), _draft_json()]
     out = tmp_path / "traits" / "sneaky.json"
-    rc = main([
-        "trait", "new", "sneaky", "--description", "Being sly and secretive.",
-        "--base-url", chat_server.base_url, "--model", "m", "--api-key", "k", "--out", str(out),
-    ])
+    rc = main(
+        [
+            "trait",
+            "new",
+            "sneaky",
+            "--description",
+            "Being sly and secretive.",
+            "--base-url",
+            chat_server.base_url,
+            "--model",
+            "m",
+            "--api-key",
+            "k",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     assert str(out) in capsys.readouterr().out
     trait = validate_file(out)
     assert trait.name == "sneaky"
     assert [p.name for p in out.parent.iterdir()] == ["sneaky.json"]
     # an existing file is kept unless --force
-    rc = main(["trait", "new", "sneaky", "--description", "x", "--base-url", chat_server.base_url,
-               "--model", "m", "--out", str(out)])
+    rc = main(
+        [
+            "trait",
+            "new",
+            "sneaky",
+            "--description",
+            "x",
+            "--base-url",
+            chat_server.base_url,
+            "--model",
+            "m",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 2 and "--force" in capsys.readouterr().err
     assert len(chat_server.requests) == 2
 
@@ -453,8 +563,19 @@ def test_cli_trait_new_defaults_from_environment(chat_server, tmp_path, monkeypa
 
 def test_cli_trait_new_needs_a_model(chat_server, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("PERSONAVEC_DRAFT_MODEL", raising=False)
-    rc = main(["trait", "new", "sneaky", "--description", "x", "--base-url", chat_server.base_url,
-               "--out", str(tmp_path / "s.json")])
+    rc = main(
+        [
+            "trait",
+            "new",
+            "sneaky",
+            "--description",
+            "x",
+            "--base-url",
+            chat_server.base_url,
+            "--out",
+            str(tmp_path / "s.json"),
+        ]
+    )
     assert rc == 2
     assert "PERSONAVEC_DRAFT_MODEL" in capsys.readouterr().err
     assert chat_server.requests == [] and not (tmp_path / "s.json").exists()
@@ -463,8 +584,23 @@ def test_cli_trait_new_needs_a_model(chat_server, tmp_path, monkeypatch, capsys)
 def test_cli_trait_new_failure_keeps_the_reply(chat_server, tmp_path, capsys):
     chat_server.replies = [_invalid_json()]
     out = tmp_path / "sneaky.json"
-    rc = main(["trait", "new", "sneaky", "--description", "Sly.", "--base-url", chat_server.base_url,
-               "--model", "m", "--api-key", "k", "--out", str(out)])
+    rc = main(
+        [
+            "trait",
+            "new",
+            "sneaky",
+            "--description",
+            "Sly.",
+            "--base-url",
+            chat_server.base_url,
+            "--model",
+            "m",
+            "--api-key",
+            "k",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 1
     err = capsys.readouterr().err
     assert "evaluation_questions: needs at least 20 items" in err
@@ -506,7 +642,9 @@ def test_cli_trait_validate_in_a_real_process():
     files = [str(TRAITS_DIR / f"{n}.json") for n in SHIPPED]
     proc = subprocess.run(
         [sys.executable, "-m", "personavec_vllm.cli", "trait", "validate", *files],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count(": OK (") == len(SHIPPED)

@@ -43,8 +43,12 @@ class Judge:
 
     def score_text(self, prompt: str) -> float | None:
         reply = self.client.chat.completions.create(
-            model=self.model, messages=[{"role": "user", "content": prompt}],
-            max_tokens=1, temperature=0, logprobs=True, top_logprobs=20,
+            model=self.model,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=1,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=20,
         )
         content = reply.choices[0].logprobs.content if reply.choices[0].logprobs else None
         if not content:
@@ -56,7 +60,9 @@ class Judge:
         coherence_prompt = getattr(trait, "coherence_prompt", None) or DEFAULT_COHERENCE_PROMPT
 
         def one(answer):
-            answer.trait_score = self.score_text(trait.judge_prompt.format(question=answer.question, answer=answer.text))
+            answer.trait_score = self.score_text(
+                trait.judge_prompt.format(question=answer.question, answer=answer.text)
+            )
             answer.coherence = self.score_text(coherence_prompt.format(question=answer.question, answer=answer.text))
 
         with ThreadPoolExecutor(self.concurrency) as pool:

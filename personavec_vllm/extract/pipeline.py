@@ -17,17 +17,30 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 
-from personavec_vllm.extract.traits import TraitDefinition
-from personavec_vllm.vectors import PersonaVector, save_vector, unit_rows
+from personavec_vllm.engine.llm import make_llm, shutdown
+from personavec_vllm.files import atomic_write_text
+from personavec_vllm.hf.hidden import HIDDEN_KINDS, chat_prompt, hidden_means
+from personavec_vllm.hf.layers import decoder_layers
+from personavec_vllm.projection import (
+    diff_mean,
+    layer_projections,
+    plain_stats,
+    projection_stats,
+    roc_auc,
+    separation,
+    separation_layer,
+)
+from personavec_vllm.traits import TraitDefinition
+from personavec_vllm.vectors import PersonaVector, save_vector
 
 logger = logging.getLogger(__name__)
 
 # Which token positions a vector is averaged over; the main vector uses response tokens.
-METHODS = {"response": "response_avg_diff", "prompt": "prompt_avg_diff", "prompt_last": "prompt_last_diff"}
+METHODS = dict(zip(HIDDEN_KINDS, ("response_avg_diff", "prompt_avg_diff", "prompt_last_diff")))
 
 
 # Where a trait's instruction goes. The method puts it in the system prompt; small models that
@@ -57,19 +70,16 @@ class Answer:
         return self.instruction, self.question
 
 
-def chat_prompt(tokenizer, system: str | None, question: str, answer: str | None = None) -> tuple[list[int], int]:
-    """Token ids of the chat-formatted conversation and where the response starts."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if answer is None:
-        return prompt_ids, len(prompt_ids)
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    return prompt_ids + answer_ids, len(prompt_ids)
-
-
-def generate_answers(llm, trait: TraitDefinition, questions: list[str], *, samples: int, max_tokens: int,
-                     temperature: float, placement: str = "system") -> list[Answer]:
+def generate_answers(
+    llm,
+    trait: TraitDefinition,
+    questions: list[str],
+    *,
+    samples: int,
+    max_tokens: int,
+    temperature: float,
+    placement: str = "system",
+) -> list[Answer]:
     """All (pair, polarity, question, sample) answers in one batched generate call, the
     instruction placed as `placement` says (exactly reproducible only with temperature 0 on
     vLLM-CPU, see below)."""
@@ -87,8 +97,9 @@ def generate_answers(llm, trait: TraitDefinition, questions: list[str], *, sampl
                     # No per-request seed: vLLM 0.32's CPU sampler crashes the engine on one
                     # ("CPU Generator does not use offset"). With only the engine's global seed,
                     # sampled answers (temperature > 0) differ from run to run; greedy ones don't.
-                    params.append(SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                                                 skip_special_tokens=True))
+                    params.append(
+                        SamplingParams(max_tokens=max_tokens, temperature=temperature, skip_special_tokens=True)
+                    )
     outputs = llm.generate(prompts, params, use_tqdm=True)
     for job, out in zip(jobs, outputs):
         job.text = out.outputs[0].text.strip()
@@ -110,113 +121,19 @@ def generate_plain_answers(llm, questions: list[str], *, max_tokens: int, temper
 def pair_up(answers: list[Answer]) -> list[tuple[Answer, Answer]]:
     """(positive, negative) answers to the same question, instruction pair and sample."""
     negatives = {(a.question, a.pair, a.sample): a for a in answers if not a.positive}
-    return [(a, negatives[(a.question, a.pair, a.sample)]) for a in answers
-            if a.positive and (a.question, a.pair, a.sample) in negatives]
+    return [
+        (a, negatives[(a.question, a.pair, a.sample)])
+        for a in answers
+        if a.positive and (a.question, a.pair, a.sample) in negatives
+    ]
 
 
 def keep_pair(pos: Answer, neg: Answer, threshold: float = 50.0, min_coherence: float = 50.0) -> bool:
     """The paper's filter: positive expresses the trait, negative does not, both coherent."""
-    if None in (pos.trait_score, neg.trait_score):
+    if pos.trait_score is None or neg.trait_score is None:
         return False
     coherent = all(c is None or c >= min_coherence for c in (pos.coherence, neg.coherence))
     return pos.trait_score >= threshold and neg.trait_score < threshold and coherent
-
-
-@torch.no_grad()
-def hidden_means(model, tokenizer, items: list[tuple[str | None, str, str]], batch_note: str = "",
-                 batch_size: int = 16) -> dict[str, torch.Tensor]:
-    """For each (system, question, answer): `[num_layers + 1, hidden]` float32 means of the
-    residual stream over response tokens, over prompt tokens, and at the last prompt token.
-    Row 0 is the embeddings, row L the output of decoder layer L-1 (captured by hooks, before
-    the final norm). Batched with right padding, which leaves real tokens' states unchanged."""
-    from tqdm import tqdm
-
-    layers = model.model.layers
-    captured: dict[int, torch.Tensor] = {}
-
-    def hook(index):
-        def fn(module, args, output):
-            captured[index] = (output[0] if isinstance(output, tuple) else output).float()
-        return fn
-
-    encoded = []
-    for system, question, answer in items:
-        ids, start = chat_prompt(tokenizer, system, question, answer)
-        if len(ids) <= start:  # empty answer: average over the end-of-turn token instead
-            ids = ids + [tokenizer.eos_token_id]
-        encoded.append((ids, start))
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # little padding per batch
-    results: dict[str, list] = {k: [None] * len(encoded) for k in METHODS}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    handles = [layer.register_forward_hook(hook(i + 1)) for i, layer in enumerate(layers)]
-    try:
-        with tqdm(total=len(encoded), desc=f"hidden states{batch_note}", unit="answer") as bar:
-            for b in range(0, len(order), batch_size):
-                batch = order[b : b + batch_size]
-                width = max(len(encoded[i][0]) for i in batch)
-                input_ids = torch.tensor([encoded[i][0] + [pad] * (width - len(encoded[i][0])) for i in batch])
-                mask = torch.tensor([[1] * len(encoded[i][0]) + [0] * (width - len(encoded[i][0])) for i in batch])
-                outputs = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
-                stream = torch.stack([outputs.hidden_states[0].float()] + [captured[i] for i in range(1, len(layers) + 1)],
-                                     dim=1)  # [batch, layers + 1, tokens, hidden]
-                for row, i in enumerate(batch):
-                    ids, start = encoded[i]
-                    results["response"][i] = stream[row, :, start : len(ids)].mean(dim=1)
-                    results["prompt"][i] = stream[row, :, :start].mean(dim=1)
-                    results["prompt_last"][i] = stream[row, :, start - 1]
-                bar.update(len(batch))
-    finally:
-        for h in handles:
-            h.remove()
-    return {k: torch.stack(v) for k, v in results.items()}
-
-
-def diff_mean(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
-    """`[N, L+1, H]` each -> `[L+1, H]`: mean of positives minus mean of negatives, float32."""
-    return (positive.float().mean(dim=0) - negative.float().mean(dim=0)).to(torch.float32)
-
-
-def layer_projections(states: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-    """`[N, L+1, H]` states, `[L+1, H]` vector -> `[N, L+1]` projections `h . v / |v|` per layer."""
-    return torch.einsum("nlh,lh->nl", states.float(), unit_rows(vector))
-
-
-def projection_stats(vector: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> dict[str, dict[str, float]]:
-    """Per layer: mean and sd of `h . v / |v|` over positive and negative answers."""
-    pos, neg = layer_projections(positive, vector), layer_projections(negative, vector)
-    return {
-        str(layer): {
-            "pos_mean": float(pos[:, layer].mean()), "pos_std": float(pos[:, layer].std(unbiased=False)),
-            "neg_mean": float(neg[:, layer].mean()), "neg_std": float(neg[:, layer].std(unbiased=False)),
-        }
-        for layer in range(1, vector.shape[0])
-    }
-
-
-def plain_stats(vector: torch.Tensor, plain: torch.Tensor) -> dict[str, dict[str, float]]:
-    """Per layer: mean and sd of `h . v / |v|` over plain replies (no system prompt)."""
-    proj = layer_projections(plain, vector)
-    return {str(layer): {"mean": float(proj[:, layer].mean()), "std": float(proj[:, layer].std(unbiased=False))}
-            for layer in range(1, vector.shape[0])}
-
-
-def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
-    """Probability that a random positive scores above a random negative (ties count half)."""
-    pos, neg = np.asarray(positive)[:, None], np.asarray(negative)[None, :]
-    return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
-
-
-def separation(vector: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> dict[int, float]:
-    """Per layer, how well the projection separates positives from negatives (d')."""
-    stats = projection_stats(vector, positive, negative)
-    return {int(layer): (s["pos_mean"] - s["neg_mean"]) / max(np.sqrt((s["pos_std"] ** 2 + s["neg_std"] ** 2) / 2), 1e-6)
-            for layer, s in stats.items()}
-
-
-def separation_layer(vector: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> int:
-    """The layer whose projection best separates positives from negatives (largest d')."""
-    scores = separation(vector, positive, negative)
-    return max(scores, key=scores.get)
 
 
 @dataclass
@@ -249,8 +166,10 @@ def sample_pairs(pairs: list, limit: int | None, seed: int) -> list:
 
 
 def _answers_key(settings: ExtractionSettings) -> dict:
-    return {k: getattr(settings, k) for k in ("samples", "max_tokens", "temperature", "seed", "heldout_questions",
-                                              "placement")}
+    return {
+        k: getattr(settings, k)
+        for k in ("samples", "max_tokens", "temperature", "seed", "heldout_questions", "placement")
+    }
 
 
 def _save_answers(reports_dir: Path, trait: str, settings: ExtractionSettings, answers, heldout, plain) -> None:
@@ -258,7 +177,7 @@ def _save_answers(reports_dir: Path, trait: str, settings: ExtractionSettings, a
     _write_jsonl(reports_dir / f"{trait}.answers.jsonl", [asdict(a) for a in answers])
     _write_jsonl(reports_dir / f"{trait}.heldout.jsonl", [asdict(a) for a in heldout])
     _write_jsonl(reports_dir / f"{trait}.plain.jsonl", [asdict(a) for a in plain])
-    (reports_dir / f"{trait}.answers.settings.json").write_text(json.dumps(_answers_key(settings)))
+    atomic_write_text(reports_dir / f"{trait}.answers.settings.json", json.dumps(_answers_key(settings)))
 
 
 def _load_answers(reports_dir: Path, trait: str, settings: ExtractionSettings):
@@ -266,21 +185,29 @@ def _load_answers(reports_dir: Path, trait: str, settings: ExtractionSettings):
     key = reports_dir / f"{trait}.answers.settings.json"
     if not key.exists() or json.loads(key.read_text()) != _answers_key(settings):
         return None
-    read = lambda name: [Answer(**json.loads(line)) for line in (reports_dir / name).read_text().splitlines() if line]
+
+    def read(name):
+        return [Answer(**json.loads(line)) for line in (reports_dir / name).read_text().splitlines() if line]
+
     plain = read(f"{trait}.plain.jsonl") if (reports_dir / f"{trait}.plain.jsonl").exists() else None
     return read(f"{trait}.answers.jsonl"), read(f"{trait}.heldout.jsonl"), plain
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def extract_traits(traits: list[TraitDefinition], model_path: str, out_dir: str | Path,
-                   settings: ExtractionSettings | None = None, *, judge=None, model_name: str | None = None,
-                   eager: bool = True, llm=None) -> list[dict]:
+def extract_traits(
+    traits: list[TraitDefinition],
+    model_path: str,
+    out_dir: str | Path,
+    settings: ExtractionSettings | None = None,
+    *,
+    judge=None,
+    model_name: str | None = None,
+    eager: bool = True,
+    llm=None,
+) -> list[dict]:
     """Extract, sweep and validate vectors for `traits` with one vLLM engine and one HF model
     (pass `llm` to reuse an engine; it must serve `model_path`).
 
@@ -288,7 +215,6 @@ def extract_traits(traits: list[TraitDefinition], model_path: str, out_dir: str 
     sweep), `out_dir/variants/<trait>.<method>.safetensors`, and under `out_dir/reports/` the
     answers, the sweep table and plot, and `<trait>.json` (counts, AUCs, timings)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from vllm import LLM
 
     from personavec_vllm.extract import sweep as sweeping
 
@@ -305,35 +231,48 @@ def extract_traits(traits: list[TraitDefinition], model_path: str, out_dir: str 
             timings[trait.name] = {"generate_s": 0.0}
     owns_llm = llm is None
     if owns_llm and (len(answers) < len(traits) or len(plain) < len(traits)):
-        llm = LLM(model=str(model_path), dtype="float32", seed=settings.seed, max_model_len=2048,
-                  gpu_memory_utilization=0.3, enforce_eager=eager)
+        llm = make_llm(model_path, seed=settings.seed, max_model_len=2048, enforce_eager=eager)
     for trait in traits:
         if trait.name in answers and trait.name in plain:
             continue
         t0 = time.monotonic()
         evaluation = trait.evaluation_questions[: settings.heldout_questions]
         if trait.name not in answers:
-            answers[trait.name] = generate_answers(llm, trait, trait.extraction_questions, samples=settings.samples,
-                                                   max_tokens=settings.max_tokens, temperature=settings.temperature,
-                                                   placement=settings.placement)
+            answers[trait.name] = generate_answers(
+                llm,
+                trait,
+                trait.extraction_questions,
+                samples=settings.samples,
+                max_tokens=settings.max_tokens,
+                temperature=settings.temperature,
+                placement=settings.placement,
+            )
             heldout[trait.name] = []
             if evaluation:
-                heldout[trait.name] = generate_answers(llm, trait, evaluation, samples=1, max_tokens=settings.max_tokens,
-                                                       temperature=settings.temperature, placement=settings.placement)
+                heldout[trait.name] = generate_answers(
+                    llm,
+                    trait,
+                    evaluation,
+                    samples=1,
+                    max_tokens=settings.max_tokens,
+                    temperature=settings.temperature,
+                    placement=settings.placement,
+                )
         # also when the answers were saved before plain replies were recorded
         plain[trait.name] = []
         if evaluation:
-            plain[trait.name] = generate_plain_answers(llm, evaluation, max_tokens=settings.max_tokens,
-                                                       temperature=settings.temperature)
+            plain[trait.name] = generate_plain_answers(
+                llm, evaluation, max_tokens=settings.max_tokens, temperature=settings.temperature
+            )
         timings[trait.name] = {"generate_s": time.monotonic() - t0}
         _save_answers(reports_dir, trait.name, settings, answers[trait.name], heldout[trait.name], plain[trait.name])
     if owns_llm and llm is not None:
-        llm.llm_engine.engine_core.shutdown()  # free the engine's memory before the HF model loads
+        shutdown(llm)  # free the engine's memory before the HF model loads
         del llm
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    num_layers = len(model.model.layers)
+    num_layers = len(decoder_layers(model))
     sweep_layers = settings.sweep_layers or list(range(2, num_layers - 1, 2))
     reports = []
     for trait in traits:
@@ -346,38 +285,54 @@ def extract_traits(traits: list[TraitDefinition], model_path: str, out_dir: str 
                 raise RuntimeError(f"the judge kept no answer pairs for {trait.name!r}; check the trait prompts")
         else:
             kept = pairs
-        means = hidden_means(model, tokenizer, [(*a.conversation(), a.text) for pair in kept for a in pair],
-                             f" ({trait.name})")
+        means = hidden_means(
+            model, tokenizer, [(*a.conversation(), a.text) for pair in kept for a in pair], f" ({trait.name})"
+        )
         plain_means = None
         if plain.get(trait.name):
-            plain_means = hidden_means(model, tokenizer, [(*a.conversation(), a.text) for a in plain[trait.name]],
-                                       f" ({trait.name}, plain replies)")
+            plain_means = hidden_means(
+                model,
+                tokenizer,
+                [(*a.conversation(), a.text) for a in plain[trait.name]],
+                f" ({trait.name}, plain replies)",
+            )
         meta = {
             "judge": judge.describe() if judge is not None else "none (all pairs kept)",
-            "pairs_total": str(len(pairs)), "pairs_kept": str(len(kept)),
-            "samples_per_question": str(settings.samples), "seed": str(settings.seed),
+            "pairs_total": str(len(pairs)),
+            "pairs_kept": str(len(kept)),
+            "samples_per_question": str(settings.samples),
+            "seed": str(settings.seed),
             "instruction_placement": settings.placement,
             "extraction_questions": str(len(trait.extraction_questions)),
         }
-        vectors = {}
+        vectors: dict[str, PersonaVector] = {}
         for key, method in METHODS.items():
             positive, negative = means[key][0::2], means[key][1::2]
-            vector = diff_mean(positive, negative)
-            stats = {"projection": projection_stats(vector, positive, negative), "source": "extraction answers"}
+            direction = diff_mean(positive, negative)
+            stats: dict[str, Any] = {
+                "projection": projection_stats(direction, positive, negative),
+                "source": "extraction answers",
+            }
             if plain_means is not None:  # where ordinary replies sit: the baseline for alerts
-                stats["plain"] = plain_stats(vector, plain_means[key])
+                stats["plain"] = plain_stats(direction, plain_means[key])
                 stats["plain_source"] = f"{len(plain[trait.name])} replies to evaluation questions, no system prompt"
             vectors[key] = PersonaVector(
-                name=trait.name if key == "response" else f"{trait.name}.{method}", vectors=vector,
-                trait=trait.name, model=model_name or str(model_path),
-                layer=separation_layer(vector, positive, negative), method=method,
-                description=trait.description, extra={**meta, "stats": json.dumps(stats)},
+                name=trait.name if key == "response" else f"{trait.name}.{method}",
+                vectors=direction,
+                trait=trait.name,
+                model=model_name or str(model_path),
+                layer=separation_layer(direction, positive, negative),
+                method=method,
+                description=trait.description,
+                extra={**meta, "stats": json.dumps(stats)},
             )
         main = vectors["response"]
         rows = sweeping.sweep(model, tokenizer, trait, main, sweep_layers, list(settings.sweep_coeffs))
         # steering strength first; among layers that steer nearly as well, the one that also
         # monitors best (separation of the extraction answers, never the held-out ones)
-        layer = sweeping.recommend_layer(rows, separation(main.vectors, means["response"][0::2], means["response"][1::2]))
+        layer = sweeping.recommend_layer(
+            rows, separation(main.vectors, means["response"][0::2], means["response"][1::2])
+        )
         main_path = out_dir / f"{trait.name}.safetensors"
         save_vector(main, main_path)
         main = sweeping.record_layer(main_path, main, layer, rows)
@@ -387,31 +342,42 @@ def extract_traits(traits: list[TraitDefinition], model_path: str, out_dir: str 
         sweeping.write_table(rows, reports_dir / f"{trait.name}.sweep.csv")
         sweeping.plot(rows, trait.name, reports_dir / f"{trait.name}.sweep.png", recommended=layer)
 
-        report = {
-            "trait": trait.name, "model": main.model, "recommended_layer": layer,
+        report: dict[str, Any] = {
+            "trait": trait.name,
+            "model": main.model,
+            "recommended_layer": layer,
             "separation_layer": separation_layer(main.vectors, means["response"][0::2], means["response"][1::2]),
-            "pairs_total": len(pairs), "pairs_kept": len(kept), "judge": meta["judge"],
+            "pairs_total": len(pairs),
+            "pairs_kept": len(kept),
+            "judge": meta["judge"],
             "steering_effect": sweeping.steering_effect(rows, layer),
             "monotonic": sweeping.is_monotonic(rows, layer),
             "fluent_coeffs": list(sweeping.fluent_range(rows, layer)),
             "projection_at_recommended": {
-                **main.projection_stats(layer),
-                **({f"plain_{k}": v for k, v in main.stats()["plain"][str(layer)].items()} if "plain" in main.stats() else {}),
+                **(main.projection_stats(layer) or {}),
+                **(
+                    {f"plain_{k}": v for k, v in main.stats()["plain"][str(layer)].items()}
+                    if "plain" in main.stats()
+                    else {}
+                ),
             },
             "mc_at_recommended": {str(r.coeff): round(r.mc_trait_probability, 4) for r in rows if r.layer == layer},
         }
         if heldout.get(trait.name):
             held = sample_pairs(pair_up(heldout[trait.name]), settings.max_heldout_pairs, settings.seed)
-            hm = hidden_means(model, tokenizer, [(*a.conversation(), a.text) for p in held for a in p],
-                              f" ({trait.name}, held out)")["response"]
+            hm = hidden_means(
+                model, tokenizer, [(*a.conversation(), a.text) for p in held for a in p], f" ({trait.name}, held out)"
+            )["response"]
             proj = layer_projections(hm, main.vectors)
             report["heldout_pairs"] = len(held)
-            report["heldout_auc"] = {str(l): round(roc_auc(proj[0::2, l].numpy(), proj[1::2, l].numpy()), 4)
-                                     for l in range(1, num_layers + 1)}
+            report["heldout_auc"] = {
+                str(l): round(roc_auc(proj[0::2, l].numpy(), proj[1::2, l].numpy()), 4)
+                for l in range(1, num_layers + 1)
+            }
             report["heldout_auc_at_recommended"] = report["heldout_auc"][str(layer)]
         timings[trait.name]["vectors_sweep_validate_s"] = time.monotonic() - t0
         report["timings_s"] = {k: round(v, 1) for k, v in timings[trait.name].items()}
-        (reports_dir / f"{trait.name}.json").write_text(json.dumps(report, indent=2))
+        atomic_write_text(reports_dir / f"{trait.name}.json", json.dumps(report, indent=2))
         reports.append(report)
     logger.info("extracted %d trait(s) in %.0f s", len(traits), time.monotonic() - started)
     return reports

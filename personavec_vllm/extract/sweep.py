@@ -19,16 +19,18 @@ instrument where one is available. The recommended layer is chosen over fluent s
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from personavec_vllm.extract.pipeline import chat_prompt
-from personavec_vllm.extract.traits import TraitDefinition
+from personavec_vllm.files import atomic_output
+from personavec_vllm.hf.hidden import chat_prompt
+from personavec_vllm.hf.hooks import adder, on_residual
+from personavec_vllm.traits import TraitDefinition
 from personavec_vllm.vectors import PersonaVector, save_vector
-
 
 FLUENT_PPL_RATIO = 3.0
 FLUENT_DISTINCT_RATIO = 0.6
@@ -47,24 +49,16 @@ class SweepRow:
     fluent: bool | None = None
 
 
-def _steering_hook(delta: torch.Tensor, mask: torch.Tensor | None = None):
-    """Adds `delta` after a decoder layer: where `mask` is 1, or, without a mask (generation),
-    at the last position of the prompt pass and at every generated token."""
-    def hook(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        if mask is not None:
-            hidden = hidden + mask.to(hidden.dtype) * delta.to(hidden.dtype)
-        elif hidden.shape[1] > 1:
-            hidden = torch.cat([hidden[:, :-1], hidden[:, -1:] + delta.to(hidden.dtype)], dim=1)
-        else:
-            hidden = hidden + delta.to(hidden.dtype)
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-    return hook
-
-
 @torch.no_grad()
-def steered_replies(model, tokenizer, questions: list[str], vector: torch.Tensor | None, layer: int,
-                    coeffs: list[float], max_new_tokens: int = FLUENCY_TOKENS) -> dict[float, list[list[int]]]:
+def steered_replies(
+    model,
+    tokenizer,
+    questions: list[str],
+    vector: torch.Tensor | None,
+    layer: int,
+    coeffs: list[float],
+    max_new_tokens: int = FLUENCY_TOKENS,
+) -> dict[float, list[list[int]]]:
     """Greedy replies (token ids) to `questions` for every coefficient in `coeffs`, with
     `coeff * vector[layer]` added at the response positions: one batched `generate`, each row
     steered by its own coefficient."""
@@ -74,16 +68,18 @@ def steered_replies(model, tokenizer, questions: list[str], vector: torch.Tensor
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for _, p in rows])  # left padding
     attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for _, p in rows])
-    handle = None
+    hooks = []
     if vector is not None and any(c != 0 for c in coeffs):
         delta = torch.tensor([c for c, _ in rows])[:, None, None] * vector[layer].float()  # [rows, 1, hidden]
-        handle = model.model.layers[layer - 1].register_forward_hook(_steering_hook(delta))
-    try:
-        out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad)
-    finally:
-        if handle is not None:
-            handle.remove()
+        hooks.append((layer, adder(delta, "response")))
+    with on_residual(model, hooks):
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
     replies: dict[float, list[list[int]]] = {c: [] for c in coeffs}
     for (coeff, _), row in zip(rows, out[:, width:].tolist()):
         if tokenizer.eos_token_id in row:
@@ -116,7 +112,9 @@ def fluency(model, tokenizer, questions: list[str], replies: list[list[int]]) ->
 
 
 @torch.no_grad()
-def mc_measure(model, tokenizer, trait: TraitDefinition, vector: torch.Tensor | None, layer: int, coeff: float) -> float:
+def mc_measure(
+    model, tokenizer, trait: TraitDefinition, vector: torch.Tensor | None, layer: int, coeff: float
+) -> float:
     """Mean probability of the trait-expressing answer over the trait's multiple-choice items."""
     sequences, spans = [], []
     for item in trait.multiple_choice:
@@ -134,27 +132,30 @@ def mc_measure(model, tokenizer, trait: TraitDefinition, vector: torch.Tensor | 
     for i, (start, end) in enumerate(spans):
         mask[i, start - 1 : end] = 1.0
 
-    handle = None
+    hooks = []
     if vector is not None and coeff != 0:
-        delta = (coeff * vector[layer]).to(torch.float32)
-        handle = model.model.layers[layer - 1].register_forward_hook(_steering_hook(delta, mask))
-    try:
+        hooks.append((layer, adder((coeff * vector[layer]).to(torch.float32), mask=mask)))
+    with on_residual(model, hooks):
         logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
-    finally:
-        if handle is not None:
-            handle.remove()
     logp = torch.log_softmax(logits, dim=-1)
-    scores = []
+    means = []
     for i, (start, end) in enumerate(spans):
         targets = input_ids[i, start:end]
         token_lp = logp[i, start - 1 : end - 1].gather(1, targets[:, None]).squeeze(1)
-        scores.append(token_lp.mean())
-    scores = torch.stack(scores).view(-1, 2)
+        means.append(token_lp.mean())
+    scores = torch.stack(means).view(-1, 2)
     return float(torch.softmax(scores, dim=1)[:, 0].mean())
 
 
-def sweep(model, tokenizer, trait: TraitDefinition, vector: PersonaVector, layers: list[int], coeffs: list[float],
-          progress: bool = True) -> list[SweepRow]:
+def sweep(
+    model,
+    tokenizer,
+    trait: TraitDefinition,
+    vector: PersonaVector,
+    layers: list[int],
+    coeffs: list[float],
+    progress: bool = True,
+) -> list[SweepRow]:
     from tqdm import tqdm
 
     rows = []
@@ -171,8 +172,10 @@ def sweep(model, tokenizer, trait: TraitDefinition, vector: PersonaVector, layer
                     row.fluency_ppl, row.distinct = base_ppl, base_distinct
                 else:
                     row.fluency_ppl, row.distinct = fluency(model, tokenizer, questions, replies[coeff])
-                row.fluent = (row.fluency_ppl <= FLUENT_PPL_RATIO * base_ppl
-                              and row.distinct >= FLUENT_DISTINCT_RATIO * base_distinct)
+                row.fluent = (
+                    row.fluency_ppl <= FLUENT_PPL_RATIO * base_ppl
+                    and row.distinct >= FLUENT_DISTINCT_RATIO * base_distinct
+                )
                 rows.append(row)
                 bar.update(1)
     return rows
@@ -207,7 +210,7 @@ def steering_effect(rows: list[SweepRow], layer: int) -> float:
 def is_monotonic(rows: list[SweepRow], layer: int, tolerance: float = 1e-3) -> bool:
     """Non-decreasing in the coefficient over the fluent range."""
     values = [p for _, p in _fluent_points(rows, layer)]
-    return len(values) > 1 and all(b >= a - tolerance for a, b in zip(values, values[1:]))
+    return len(values) > 1 and all(b >= a - tolerance for a, b in itertools.pairwise(values))
 
 
 def recommend_layer(rows: list[SweepRow], separation: dict[int, float] | None = None, share: float = 0.8) -> int:
@@ -225,16 +228,21 @@ def recommend_layer(rows: list[SweepRow], separation: dict[int, float] | None = 
 
 
 def write_table(rows: list[SweepRow], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["layer", "coeff", "mc_trait_probability", "judge_score", "fluency_ppl", "distinct", "fluent"])
         for r in rows:
-            writer.writerow([r.layer, r.coeff, f"{r.mc_trait_probability:.4f}",
-                             "" if r.judge_score is None else f"{r.judge_score:.1f}",
-                             "" if r.fluency_ppl is None else f"{r.fluency_ppl:.2f}",
-                             "" if r.distinct is None else f"{r.distinct:.3f}",
-                             "" if r.fluent is None else str(r.fluent).lower()])
+            writer.writerow(
+                [
+                    r.layer,
+                    r.coeff,
+                    f"{r.mc_trait_probability:.4f}",
+                    "" if r.judge_score is None else f"{r.judge_score:.1f}",
+                    "" if r.fluency_ppl is None else f"{r.fluency_ppl:.2f}",
+                    "" if r.distinct is None else f"{r.distinct:.3f}",
+                    "" if r.fluent is None else str(r.fluent).lower(),
+                ]
+            )
 
 
 def plot(rows: list[SweepRow], trait: str, path: Path, recommended: int | None = None) -> None:
@@ -248,30 +256,55 @@ def plot(rows: list[SweepRow], trait: str, path: Path, recommended: int | None =
     for i, layer in enumerate(sorted({r.layer for r in rows})):
         at = sorted((r for r in rows if r.layer == layer), key=lambda r: r.coeff)
         color = colors(i % colors.N)
-        ax.plot([r.coeff for r in at], [r.mc_trait_probability for r in at], marker="o", color=color,
-                lw=2.5 if layer == recommended else 1.2,
-                label=f"layer {layer}" + (" (recommended)" if layer == recommended else ""))
+        ax.plot(
+            [r.coeff for r in at],
+            [r.mc_trait_probability for r in at],
+            marker="o",
+            color=color,
+            lw=2.5 if layer == recommended else 1.2,
+            label=f"layer {layer}" + (" (recommended)" if layer == recommended else ""),
+        )
         broken = [r for r in at if r.fluent is False]  # hollow markers: replies no longer fluent
         if broken:
-            ax.plot([r.coeff for r in broken], [r.mc_trait_probability for r in broken], "o", ms=9,
-                    mfc="white", mec=color, ls="none")
+            ax.plot(
+                [r.coeff for r in broken],
+                [r.mc_trait_probability for r in broken],
+                "o",
+                ms=9,
+                mfc="white",
+                mec=color,
+                ls="none",
+            )
     ax.set_xlabel("steering coefficient")
     ax.set_ylabel("P(trait answer), multiple choice")
     ax.set_title(f"{trait}: steering effect by layer (hollow: not fluent)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_output(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def record_layer(vector_path: Path, vector: PersonaVector, layer: int, rows: list[SweepRow]) -> PersonaVector:
     """Rewrite the vector file with the recommended layer and a summary of the sweep."""
-    summary = {"layers": sorted({r.layer for r in rows}), "coeffs": sorted({r.coeff for r in rows}),
-               "effect_at_recommended": steering_effect(rows, layer),
-               "fluent_coeffs_at_recommended": list(fluent_range(rows, layer))}
-    updated = PersonaVector(vector.name, vector.vectors, vector.trait, vector.model, layer, vector.method,
-                            vector.description, {**vector.extra, "sweep": json.dumps(summary)})
+    summary = {
+        "layers": sorted({r.layer for r in rows}),
+        "coeffs": sorted({r.coeff for r in rows}),
+        "effect_at_recommended": steering_effect(rows, layer),
+        "fluent_coeffs_at_recommended": list(fluent_range(rows, layer)),
+    }
+    updated = PersonaVector(
+        vector.name,
+        vector.vectors,
+        vector.trait,
+        vector.model,
+        layer,
+        vector.method,
+        vector.description,
+        {**vector.extra, "sweep": json.dumps(summary)},
+    )
     save_vector(updated, vector_path)
     return updated

@@ -21,9 +21,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from personavec_vllm.engine.transport import LayerProjection
+from personavec_vllm.library import VectorLibrary
 from personavec_vllm.spec import Limits, PersonaSpec, PersonaSpecError, parse_spec
-from personavec_vllm.steering.results import LayerProjection
-from personavec_vllm.vectors import PersonaVector, VectorLibrary
+from personavec_vllm.vectors import PersonaVector
 
 PERSONA_FIELDS = ("persona_steer", "persona_monitor")
 
@@ -64,11 +65,16 @@ class VectorInfo(BaseModel):
     norms: list[float] = Field(description="norm per layer, index = layer (0 = embeddings)")
 
     @classmethod
-    def of(cls, vector: PersonaVector) -> "VectorInfo":
+    def of(cls, vector: PersonaVector) -> VectorInfo:
         return cls(
-            name=vector.name, trait=vector.trait, description=vector.description, model=vector.model,
-            method=vector.method, recommended_layer=vector.layer,
-            layers=list(range(1, vector.num_layers + 1)), norms=[round(n, 6) for n in vector.norms()],
+            name=vector.name,
+            trait=vector.trait,
+            description=vector.description,
+            model=vector.model,
+            method=vector.method,
+            recommended_layer=vector.layer,
+            layers=list(range(1, vector.num_layers + 1)),
+            norms=[round(n, 6) for n in vector.norms()],
         )
 
 
@@ -95,9 +101,11 @@ class PersonaFieldsIn(BaseModel):
     """The persona request fields, as they appear in the OpenAPI schema of the two routes."""
 
     persona_steer: list[SteerTermIn] | SteerTermIn | None = Field(
-        None, description="steering terms (they add up); one term may be given without the list")
+        None, description="steering terms (they add up); one term may be given without the list"
+    )
     persona_monitor: bool | MonitorIn | None = Field(
-        None, description="true: every library vector at its recommended layer; or an object")
+        None, description="true: every library vector at its recommended layer; or an object"
+    )
 
 
 @dataclass
@@ -111,13 +119,18 @@ class PersonaRequest:
         return bool(self.spec.monitor)
 
     def response_object(self, projections: dict[str, dict[int, LayerProjection]] | None) -> PersonaOut:
-        out = PersonaOut(steer=[AppliedSteer(vector=t.vector, coeff=t.coeff, layers=list(t.layers), positions=t.positions)
-                                for t in self.spec.steer])
+        out = PersonaOut(
+            steer=[
+                AppliedSteer(vector=t.vector, coeff=t.coeff, layers=list(t.layers), positions=t.positions)
+                for t in self.spec.steer
+            ]
+        )
         if self.monitors:
             out.projections = {
                 name: {
                     str(layer): ProjectionOut(
-                        prompt_last=p.prompt_last, response_mean=p.response_mean,
+                        prompt_last=p.prompt_last,
+                        response_mean=p.response_mean,
                         per_token=p.per_token if self.spec.per_token else None,
                     )
                     for layer, p in sorted(by_layer.items())
@@ -147,7 +160,8 @@ def check_vllm_xargs(body: dict[str, Any]) -> None:
         for key in xargs:
             if isinstance(key, str) and key.lower().startswith("personavec"):
                 raise PersonaSpecError(
-                    f"vllm_xargs.{key[:64]}", "internal_field",
+                    f"vllm_xargs.{key[:64]}",
+                    "internal_field",
                     "is reserved for personavec; use the persona_steer and persona_monitor fields",
                 )
 
@@ -157,8 +171,11 @@ def take_persona_fields(body: dict[str, Any], library: VectorLibrary, limits: Li
     check_vllm_xargs(body)
     stray = [k for k in body if k.lower().startswith("persona") and k not in PERSONA_FIELDS]
     if stray:
-        raise PersonaSpecError(stray[0][:64], "bad_type",
-                               f"unknown persona field (known: {', '.join(PERSONA_FIELDS)}; names are case-sensitive)")
+        raise PersonaSpecError(
+            stray[0][:64],
+            "bad_type",
+            f"unknown persona field (known: {', '.join(PERSONA_FIELDS)}; names are case-sensitive)",
+        )
     steer, monitor = body.pop("persona_steer", None), body.pop("persona_monitor", None)
     if steer is None and (monitor is None or monitor is False):
         return None
@@ -168,9 +185,11 @@ def take_persona_fields(body: dict[str, Any], library: VectorLibrary, limits: Li
     if spec.monitor and body.get("n", 1) not in (1, None):
         raise PersonaSpecError("n", "unsupported", "persona_monitor needs n = 1 (one choice per request)")
     if spec.monitor and not _is_single_prompt(body.get("prompt")):
-        raise PersonaSpecError("prompt", "unsupported",
-                               "persona_monitor needs a single prompt (send one request per prompt)")
+        raise PersonaSpecError(
+            "prompt", "unsupported", "persona_monitor needs a single prompt (send one request per prompt)"
+        )
     if body.get("use_beam_search") is True:
-        raise PersonaSpecError("use_beam_search", "unsupported",
-                               "persona steering and monitoring do not support beam search")
+        raise PersonaSpecError(
+            "use_beam_search", "unsupported", "persona steering and monitoring do not support beam search"
+        )
     return PersonaRequest(spec)

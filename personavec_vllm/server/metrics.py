@@ -41,20 +41,18 @@ import contextlib
 import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import HistogramMetricFamily
 
+from personavec_vllm.engine.transport import LayerProjection
 from personavec_vllm.spec import REJECT_REASONS, PersonaSpec
-from personavec_vllm.steering.results import LayerProjection
 from personavec_vllm.vectors import PersonaVector
 
 KINDS = ("prompt_last", "response_mean")
 HISTOGRAM = "personavec_projection"
-DEFAULT_BUCKETS = tuple(
-    sorted({s * m for s in (-1, 1) for m in (0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256)} | {0.0})
-)
+DEFAULT_BUCKETS = tuple(sorted({s * m for s in (-1, 1) for m in (0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256)} | {0.0}))
 
 
 def fitted_buckets(vector: PersonaVector, layer: int, count: int = 16) -> tuple[float, ...]:
@@ -78,12 +76,15 @@ def fitted_buckets(vector: PersonaVector, layer: int, count: int = 16) -> tuple[
 class _ProjectionFamily:
     """Collector exposing all per-(vector, layer) histograms as one family."""
 
-    def __init__(self, histograms: dict):
+    def __init__(self, histograms: dict[tuple[str, int], Histogram]):
         self._histograms = histograms
 
-    def collect(self):
-        family = HistogramMetricFamily(HISTOGRAM, "Projection h.v/|v| of monitored requests on persona vectors",
-                                       labels=["vector", "kind", "model", "layer"])
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(
+            HISTOGRAM,
+            "Projection h.v/|v| of monitored requests on persona vectors",
+            labels=["vector", "kind", "model", "layer"],
+        )
         for histogram in list(self._histograms.values()):
             for metric in histogram.collect():
                 family.samples.extend(metric.samples)
@@ -91,7 +92,7 @@ class _ProjectionFamily:
 
 
 class PersonaMetrics:
-    def __init__(self, model: str, registry=REGISTRY):
+    def __init__(self, model: str, registry: CollectorRegistry | None = REGISTRY):
         self.model = model
         self._multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         self._lock = threading.Lock()
@@ -99,21 +100,37 @@ class PersonaMetrics:
         self._buckets: dict[tuple[str, int], tuple[float, ...]] = {}
         # vector -> (counter kind, label values) of its counter series
         self._series: dict[str, set[tuple[str, tuple[str, ...]]]] = {}
-        labels = dict(registry=registry)
-        self.steered = Counter("personavec_steered_requests", "Requests steered, per vector",
-                               ["vector", "model"], **labels)
-        self.monitored = Counter("personavec_monitored_requests", "Requests monitored, per vector",
-                                 ["vector", "model"], **labels)
+        self.steered = Counter(
+            "personavec_steered_requests", "Requests steered, per vector", ["vector", "model"], registry=registry
+        )
+        self.monitored = Counter(
+            "personavec_monitored_requests", "Requests monitored, per vector", ["vector", "model"], registry=registry
+        )
         projection_labels = ["vector", "kind", "model", "layer"]
-        self.sum_pos = Counter("personavec_projection_sum_pos", "Sum of the positive projections observed",
-                               projection_labels, **labels)
-        self.sum_neg = Counter("personavec_projection_sum_neg", "Sum of |projection| of the negative projections observed",
-                               projection_labels, **labels)
-        self.rejected = Counter("personavec_rejected_requests", "Persona requests refused with HTTP 400, by reason",
-                                ["reason", "model"], **labels)
-        self.failed = Counter("personavec_failed_requests",
-                              "Persona requests the worker could not serve (answered with an error)",
-                              ["model"], **labels)
+        self.sum_pos = Counter(
+            "personavec_projection_sum_pos",
+            "Sum of the positive projections observed",
+            projection_labels,
+            registry=registry,
+        )
+        self.sum_neg = Counter(
+            "personavec_projection_sum_neg",
+            "Sum of |projection| of the negative projections observed",
+            projection_labels,
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "personavec_rejected_requests",
+            "Persona requests refused with HTTP 400, by reason",
+            ["reason", "model"],
+            registry=registry,
+        )
+        self.failed = Counter(
+            "personavec_failed_requests",
+            "Persona requests the worker could not serve (answered with an error)",
+            ["model"],
+            registry=registry,
+        )
         for reason in REJECT_REASONS:
             self.rejected.labels(reason=reason, model=model)  # export zeros, so rate() works from the start
         self.failed.labels(model=model)
@@ -127,8 +144,13 @@ class PersonaMetrics:
         with self._lock:
             histogram = self._histograms.get(key)
             if histogram is None or self._buckets[key] != buckets:
-                histogram = Histogram(HISTOGRAM, "Projection h.v/|v| of monitored requests on persona vectors",
-                                      ["vector", "kind", "model", "layer"], buckets=buckets, registry=None)
+                histogram = Histogram(
+                    HISTOGRAM,
+                    "Projection h.v/|v| of monitored requests on persona vectors",
+                    ["vector", "kind", "model", "layer"],
+                    buckets=buckets,
+                    registry=None,
+                )
                 self._histograms[key] = histogram
                 self._buckets[key] = buckets
         return histogram
@@ -145,8 +167,12 @@ class PersonaMetrics:
         for term in spec.monitor:
             self.monitored.labels(*self._labels(term.vector, "monitored", term.vector, self.model)).inc()
 
-    def observe_projections(self, projections: dict[str, dict[int, LayerProjection]], spec: PersonaSpec,
-                            live_version: Callable[[str], str | None]) -> None:
+    def observe_projections(
+        self,
+        projections: dict[str, dict[int, LayerProjection]],
+        spec: PersonaSpec,
+        live_version: Callable[[str], str | None],
+    ) -> None:
         """Record a finished request's projections, on the vector versions it was served with,
         unless a vector was replaced or deleted meanwhile (its series belong to the new one)."""
         versions = dict(spec.versions)
@@ -172,8 +198,11 @@ class PersonaMetrics:
                 del self._buckets[key]
             series = self._series.pop(name, set())
         for kind, values in series:
-            counters = {"steered": (self.steered,), "monitored": (self.monitored,),
-                        "sum": (self.sum_pos, self.sum_neg)}[kind]
+            counters = {
+                "steered": (self.steered,),
+                "monitored": (self.monitored,),
+                "sum": (self.sum_pos, self.sum_neg),
+            }[kind]
             for counter in counters:
                 with contextlib.suppress(KeyError):
                     counter.remove(*values)

@@ -1,0 +1,5 @@
+import sys
+
+from personavec_vllm.bench.options import main
+
+sys.exit(main())

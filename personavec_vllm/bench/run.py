@@ -1,0 +1,467 @@
+"""What persona steering and monitoring cost on the real HTTP server, and what the usual
+alternative (HF transformers + a forward hook) costs, measured in one run.
+
+    personavec bench                              # or: python -m personavec_vllm.bench
+    personavec bench --concurrency 1,8,32,64 --requests 16,64,64,64 --output-len 64
+
+Scenarios (all on the same seeded workload; ratios divide by scenario 1 at the same concurrency):
+
+  1  vLLM without the plugin (VLLM_PLUGINS excluding personavec)       - the baseline
+  2  personavec loaded, requests unsteered                            \\
+  3  every request steered with the same spec                          | one server start
+  4  every request steered with a different spec                       |
+  5a/5b  every request monitors 1 / 3 vectors                         /
+  6a/6b  HF transformers generate + forward hook: scenario 3's spec (batch = concurrency) and
+         scenario 4's specs (one spec per batch, so one request per batch)
+
+Writes `<out>/<prefix>.md`, `.csv`, `_requests.csv` and PNG plots. See benchmarks/README.md in the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from personavec_vllm.bench.options import SERVED_NAME
+from personavec_vllm.bench.setup import (
+    CpuMeter,
+    Progress,
+    _complete,
+    default_hf_threads,
+    load_vectors,
+    log,
+    machine_description,
+    make_vectors,
+    persona_check,
+)
+
+# ---- the run ------------------------------------------------------------------------------
+
+
+class Bench:
+    worker_threads: int | None = None  # read from the server log once the first server started
+
+    def __init__(self, args: argparse.Namespace, command: str):
+        self.args = args
+        self.command = command
+        self.levels: list[int] = args.concurrency
+        reqs = args.requests
+        if len(reqs) == 1:
+            reqs = reqs * len(self.levels)
+        if len(reqs) != len(self.levels):
+            raise SystemExit(f"--requests: give one number or {len(self.levels)} (one per level), got {len(reqs)}")
+        self.per_level = dict(zip(self.levels, reqs))
+        from personavec_vllm.bench.scenarios import SCENARIOS
+
+        wanted = args.scenarios or [s.key for s in SCENARIOS]
+        if args.no_baseline_after:
+            wanted = [k for k in wanted if k != "plain_after"]
+        self.scenarios = [s.key for s in SCENARIOS if s.key in set(wanted) | {"plain"}]
+        self.results: list[Any] = []
+        self.checks: list[str] = []
+        self.notes: list[str] = []
+        self.out = Path(args.out)
+
+    def choose_vectors(self, tmp: Path):
+        from transformers import AutoConfig
+
+        from personavec_vllm.data import vectors_dir
+        from personavec_vllm.models import DEFAULT_MODEL_NAME, default_model_dir
+
+        a = self.args
+        config = AutoConfig.from_pretrained(self.model)
+        num_layers, hidden = config.num_hidden_layers, config.hidden_size
+        folder = Path(a.vectors) if a.vectors else None
+        if folder is None and not a.random_vectors and Path(self.model) == default_model_dir():
+            shipped = vectors_dir(DEFAULT_MODEL_NAME)
+            if len(list(shipped.glob("*.safetensors"))) >= 3:
+                folder = shipped
+        if folder is not None:
+            import shutil
+
+            for f in sorted(folder.glob("*.safetensors")):  # a snapshot: the run serves what it read
+                shutil.copy2(f, tmp / f.name)
+            return load_vectors(tmp, num_layers, hidden), f"the vector library {folder} (copied at start)"
+        vectors = make_vectors(self.model, tmp, list(self.workload[0].prompt_token_ids), a.vector_norm)
+        return vectors, (
+            f"{len(vectors.names)} random directions, per layer {a.vector_norm} x the model's "
+            "mean residual norm on a workload prompt"
+        )
+
+    # servers ----------------------------------------------------------------------------
+
+    def server_args(self, vectors_dir: str) -> list[str]:
+        a = self.args
+        max_len = a.prompt_len.max + a.output_len.max + 16
+        argv = [
+            "--model",
+            self.model,
+            "--served-model-name",
+            SERVED_NAME,
+            "--vectors",
+            vectors_dir,
+            "--dtype",
+            "float32",
+            "--max-num-seqs",
+            str(max(self.levels)),
+            "--max-model-len",
+            str(max_len),
+            "--seed",
+            "0",
+            # every scenario repeats the same prompts: no scenario may reuse another's prefill
+            "--no-enable-prefix-caching",
+            "--disable-uvicorn-access-log",
+        ]
+        if a.enforce_eager:
+            argv.append("--enforce-eager")
+        return argv + shlex.split(a.vllm_args)
+
+    def server_env(self, plugin: bool) -> dict[str, str]:
+        from personavec_vllm.cli.serve import PLUGIN_NAME, default_vllm_plugins
+
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        if plugin:
+            env["VLLM_PLUGINS"] = default_vllm_plugins()
+        else:
+            others = [n for n in default_vllm_plugins().split(",") if n and n != PLUGIN_NAME]
+            # an allow-list naming every other installed general plugin, not ours
+            env["VLLM_PLUGINS"] = ",".join(others) or "none"
+        return env
+
+    def run_server_scenarios(self, plugin: bool, keys: list[str]) -> None:
+        from personavec_vllm.testing import free_port, run_server
+
+        env = self.server_env(plugin)
+        which = "plugin" if plugin else ("plain-again" if keys == ["plain_after"] else "plain")
+        log_dir = self.out if self.args.keep_logs else Path(self.tmp)
+        log_path = log_dir / f"{self.args.prefix}_server_{which}.log"
+        log(
+            f"starting the {'personavec' if plugin else 'plain vLLM'} server (VLLM_PLUGINS={env['VLLM_PLUGINS']}; "
+            f"{'eager' if self.args.enforce_eager else 'compiled'} mode, log {log_path}) ..."
+        )
+        t = time.monotonic()
+        try:
+            with run_server(
+                self.server_args(self.vectors.directory),
+                port=free_port(),
+                log_path=log_path,
+                env=env,
+                startup_timeout=self.args.startup_timeout,
+            ) as base:
+                log(f"server ready after {time.monotonic() - t:.0f} s")
+                self.notes.append(f"{which} server start: {time.monotonic() - t:.0f} s (not measured)")
+                self.sanity_checks(base, plugin)
+                self.warm_up(base, keys, plugin)
+                for li, c in enumerate(self.levels):
+                    # rotate the order at each level so that no scenario always runs first
+                    order = keys[li % len(keys) :] + keys[: li % len(keys)]
+                    for key in order:
+                        self.measure_level(base, key, c)
+        except Exception:
+            if not self.args.keep_logs and log_path.exists():
+                kept = self.out / log_path.name
+                kept.write_bytes(log_path.read_bytes())
+                log(f"server log kept in {kept}")
+            raise
+        self.record_threads(log_path, which)
+
+    def record_threads(self, log_path: Path, which: str) -> None:
+        """Note the cores vLLM bound its CPU worker's OpenMP threads to (from the server log)."""
+        import re
+
+        try:
+            text = log_path.read_text(errors="replace")
+        except OSError:
+            return
+        cores = re.search(r"local_rank=0, core ids=\[([0-9, ]*)\]", text)
+        reserved = re.search(r"reserved_cpus=\[([0-9, ]*)\]", text)
+        if cores:
+            ids = [x for x in cores.group(1).replace(" ", "").split(",") if x]
+            self.worker_threads = len(ids)
+            self.notes.append(
+                f"{which} server: vLLM's CPU worker runs {len(ids)} OpenMP thread(s) on core(s) "
+                f"[{cores.group(1)}]"
+                + (f", reserving [{reserved.group(1)}] for its scheduler and API server" if reserved else "")
+            )
+
+    def sanity_checks(self, base: str, plugin: bool) -> None:
+        """Before timing: persona fields must be ignored by the plain server and applied by ours."""
+        from personavec_vllm.bench.client import completion_body
+        from personavec_vllm.bench.scenarios import CHECK_COEFF
+
+        req = self.workload[0]
+        plain_body = completion_body(SERVED_NAME, req, stream=False)
+        plain_body["max_tokens"] = 24
+        steer = {
+            "persona_steer": [
+                {
+                    "vector": self.vectors.names[0],
+                    "coeff": CHECK_COEFF,
+                    "layers": [self.vectors.layers[0]],
+                    "positions": "all",
+                }
+            ]
+        }
+        plain = _complete(base, plain_body)
+        text = plain["choices"][0]["text"]
+        self.check_texts.setdefault("unsteered", text)
+        try:
+            steered = _complete(base, {**plain_body, **steer})
+        except Exception as exc:
+            steered = {"error": str(exc)}
+        if not plugin:
+            if text != self.check_texts["unsteered"]:
+                raise RuntimeError("unsteered output differs between the two plain servers")
+            if "persona" in steered or (steered.get("choices") and steered["choices"][0]["text"] != text):
+                raise RuntimeError("the plain vLLM server applied persona_steer: the plugin is not excluded")
+            check = (
+                "scenario 1 server ignores persona fields: a request with persona_steer "
+                f"(coeff {CHECK_COEFF}) got no `persona` object and the unsteered text"
+            )
+            if check not in self.checks:
+                self.checks.append(check)
+            return
+        if text != self.check_texts["unsteered"]:
+            raise RuntimeError("unsteered output differs between the plain and the personavec server")
+        if "persona" not in steered or steered["choices"][0]["text"] == text:
+            raise RuntimeError(f"steering was not applied on the personavec server: {str(steered)[:500]}")
+        mon = _complete(base, {**plain_body, "persona_monitor": {"vectors": list(self.vectors.names[:3])}})
+        proj = (mon.get("persona") or {}).get("projections") or {}
+        if sorted(proj) != sorted(self.vectors.names[:3]):
+            raise RuntimeError(f"monitoring returned no projections: {str(mon)[:500]}")
+        self.checks.append(
+            "personavec server: unsteered output equals scenario 1's; a steered request "
+            f"(coeff {CHECK_COEFF}) changes the greedy output; monitoring returns projections "
+            "for every asked vector"
+        )
+
+    def warm_up(self, base: str, keys: list[str], plugin: bool) -> None:
+        """Untimed: a few short requests at the largest concurrency with every scenario's specs
+        (the first use of every vector loads it into the engine's tables)."""
+        from dataclasses import replace
+
+        from personavec_vllm.bench.client import run_level
+        from personavec_vllm.bench.scenarios import persona_fields
+
+        c = max(self.levels)
+        reqs = [replace(r, output_len=4) for r in self.workload[: max(16, len(self.vectors.names))]]
+        names = self.vectors.names
+
+        def extra_of(i: int) -> dict:
+            if plugin and i < len(names):  # the first use of every vector
+                return {"persona_steer": [{"vector": names[i], "coeff": 1.0}]}
+            return persona_fields(keys[i % len(keys)], i, self.vectors)
+
+        log(f"warm-up (untimed): {len(reqs)} requests at concurrency {c}")
+        run_level(base, SERVED_NAME, "warmup", c, reqs, extra_of, lambda p, i: None)
+
+    def measure_level(self, base: str, key: str, c: int) -> None:
+        from personavec_vllm.bench.client import run_level
+        from personavec_vllm.bench.report import summarize
+        from personavec_vllm.bench.scenarios import label, persona_fields
+
+        reqs = self.workload[: self.per_level[c]]
+        bar = Progress(len(reqs), f"{label(key)} c={c}", not self.args.no_progress)
+        meter = CpuMeter()
+        try:
+            res = run_level(
+                base,
+                SERVED_NAME,
+                key,
+                c,
+                reqs,
+                lambda i: persona_fields(key, i, self.vectors),
+                persona_check(key, self.vectors),
+                bar,
+            )
+        finally:
+            bar.close()
+        self.other_cpu[(key, c)] = meter.stop()
+        self.results.extend(res)
+        s = summarize(res)
+        s.other_cpu = self.other_cpu[(key, c)]
+        errs = f", {s.errors} ERRORS (first: {next(r.error for r in res if r.error)})" if s.errors else ""
+        log(
+            f"{label(key):<28} c={c:<3} {s.tok_per_s:8.1f} tok/s  latency p50 {s.latency_p50:6.2f} s  "
+            f"p99 {s.latency_p99:6.2f} s  TTFT p50 {s.ttft_p50:6.2f} s  other CPU {s.other_cpu:4.2f} cores{errs}"
+        )
+
+    # HF reference -------------------------------------------------------------------------
+
+    def run_hf(self, keys: list[str]) -> None:
+        from personavec_vllm.bench.hf_reference import HFReference, one_per_batch, same_spec_batches
+        from personavec_vllm.bench.report import RequestResult, closed_loop_times, summarize
+        from personavec_vllm.bench.scenarios import hf_terms, label
+
+        files: dict[str, str | Path] = {
+            n: Path(self.vectors.directory) / f"{n}.safetensors" for n in self.vectors.names
+        }
+        log("HF reference: loading the model")
+        # as many threads as vLLM's CPU worker computes with, unless told otherwise
+        self.hf_threads = self.args.hf_threads or self.worker_threads or default_hf_threads()
+        log(f"HF reference: {self.hf_threads} torch thread(s)")
+        ref = HFReference(self.model, files, threads=self.hf_threads)
+        ref.generate_batch(self.workload[:2], hf_terms("hf_same", 0, self.vectors))  # warm-up
+
+        def rows(key, c, reqs, measured):
+            out = []
+            for req, (submit, first, end) in zip(reqs, closed_loop_times(measured, c)):
+                out.append(
+                    RequestResult(key, c, req.index, req.prompt_len, req.output_len, req.output_len, submit, first, end)
+                )
+            return out
+
+        def report(key, c, res):
+            s = summarize(res)
+            log(
+                f"{label(key):<28} c={c:<3} {s.tok_per_s:8.1f} tok/s  latency p50 {s.latency_p50:6.2f} s  "
+                f"p99 {s.latency_p99:6.2f} s  TTFT p50 {s.ttft_p50:6.2f} s  "
+                f"other CPU {self.other_cpu.get((key, c), math.nan):4.2f} cores"
+            )
+
+        if "hf_same" in keys:
+            for c in self.levels:
+                reqs = self.workload[: self.per_level[c]]
+                bar = Progress(len(reqs), f"{label('hf_same')} c={c}", not self.args.no_progress)
+                meter = CpuMeter()
+                measured = ref.run(
+                    reqs, same_spec_batches(len(reqs), c), lambda i: hf_terms("hf_same", i, self.vectors), bar
+                )
+                bar.close()
+                self.other_cpu[("hf_same", c)] = meter.stop()
+                res = rows("hf_same", c, reqs, measured)
+                self.results.extend(res)
+                report("hf_same", c, res)
+        if "hf_distinct" in keys:
+            # Every request is its own batch whatever the concurrency, so the execution is the
+            # same at every level: run it once over the longest level's requests and derive each
+            # level's latencies with that level's closed loop (queueing included).
+            n = max(self.per_level.values())
+            if self.args.hf_distinct_requests:
+                n = min(n, self.args.hf_distinct_requests)
+            reqs = self.workload[:n]
+            bar = Progress(n, f"{label('hf_distinct')} (all levels)", not self.args.no_progress)
+            meter = CpuMeter()
+            measured = ref.run(reqs, one_per_batch(n), lambda i: hf_terms("hf_distinct", i, self.vectors), bar)
+            bar.close()
+            other = meter.stop()
+            for c in self.levels:
+                self.other_cpu[("hf_distinct", c)] = other
+                k = self.per_level[c]
+                res = rows("hf_distinct", c, reqs[:k], measured[:k])
+                self.results.extend(res)
+                report("hf_distinct", c, res)
+            self.notes.append(
+                f"6b runs one request per batch at every concurrency, so it was executed once ({n} requests "
+                "back to back) and each level's latencies follow from that level's closed loop of clients "
+                "(a request waits for the ones before it); a level uses the first min(its requests, "
+                f"{n}) of them"
+                + (
+                    ", so where that is no more than the concurrency, all are sent at once and "
+                    "the latencies are those of one burst"
+                    if n < max(self.levels)
+                    else ""
+                )
+            )
+        self.notes.append(
+            "6a/6b latencies: a closed loop of `concurrency` clients over the measured batch "
+            "timings (client k's next request is sent when its previous one ends); TTFT is when the "
+            "request's batch produced its first token; a batch runs until its longest output is done"
+        )
+        del ref
+
+    # ----------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        from transformers import AutoTokenizer
+
+        from personavec_vllm.bench.report import Report, summarize_all, write_report
+        from personavec_vllm.bench.scenarios import HF_SCENARIOS, PLUGIN_SCENARIOS
+        from personavec_vllm.bench.workload import WorkloadConfig, make_workload, word_vocab
+        from personavec_vllm.models import resolve_model
+
+        t_start = time.monotonic()
+        a = self.args
+        self.out.mkdir(parents=True, exist_ok=True)
+        machine = machine_description()
+        self.model = str(resolve_model(a.model))
+        tokenizer = AutoTokenizer.from_pretrained(self.model)
+        cfg = WorkloadConfig(seed=a.seed, prompt_len=a.prompt_len, output_len=a.output_len)
+        self.workload = make_workload(cfg, max(self.per_level.values()), word_vocab(tokenizer))
+        self.check_texts: dict[str, str] = {}
+        self.worker_threads = None
+        self.other_cpu: dict[tuple[str, int], float] = {}
+        with tempfile.TemporaryDirectory(prefix="personavec-bench-") as tmp:
+            self.tmp = tmp
+            vdir = Path(tmp) / "vectors"
+            vdir.mkdir()
+            self.vectors, self.vector_source = self.choose_vectors(vdir)
+            log(f"model {self.model}; vectors: {self.vector_source}")
+            total = sum(self.per_level.values())
+            log(
+                f"levels {self.levels}, requests {[self.per_level[c] for c in self.levels]} "
+                f"({total} per scenario), scenarios {', '.join(self.scenarios)}"
+            )
+            self.run_server_scenarios(False, ["plain"])
+            plugin_keys = [k for k in self.scenarios if k in PLUGIN_SCENARIOS]
+            if plugin_keys:
+                self.run_server_scenarios(True, plugin_keys)
+            if "plain_after" in self.scenarios:
+                self.run_server_scenarios(False, ["plain_after"])
+            hf_keys = [k for k in self.scenarios if k in HF_SCENARIOS]
+            if hf_keys:
+                self.run_hf(hf_keys)
+
+        stats = summarize_all(self.results)
+        for s in stats:
+            s.other_cpu = self.other_cpu.get((s.scenario, s.concurrency), math.nan)
+        machine["load average at end (1/5/15 min)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+        v = self.vectors
+        config = {
+            "model": f"{self.model} ({v.num_layers} layers), dtype float32",
+            "vLLM mode": "eager (--enforce-eager)" if a.enforce_eager else "compiled (vLLM default, Inductor)",
+            "server options": " ".join(self.server_args("<vectors>")[2:]),
+            "workload": cfg.describe(),
+            "requests per level": ", ".join(f"c={c}: {self.per_level[c]}" for c in self.levels),
+            "client": "aiohttp, closed loop of `concurrency` clients, streaming /v1/completions with token-id "
+            "prompts; tok/s = output tokens / (first send to last token)",
+            "vectors": f"{self.vector_source}: {', '.join(v.names)}; recommended layers {list(v.layers)}, norms "
+            f"there {', '.join(f'{n:.2f}' for n in v.norms)}",
+            "HF reference": (
+                f"transformers, float32, {self.hf_threads} torch thread(s) (as many as vLLM's worker "
+                "unless --hf-threads), KV cache, static batches"
+                if hasattr(self, "hf_threads")
+                else "not run"
+            ),
+        }
+        report = Report(
+            command=self.command,
+            machine=machine,
+            config=config,
+            stats=stats,
+            requests=self.results,
+            checks=self.checks,
+            notes=self.notes,
+            wall_s=time.monotonic() - t_start,
+        )
+        files = write_report(report, self.out, a.prefix)
+        from personavec_vllm.bench.report import ratio_table
+
+        print(ratio_table(stats))
+        log(f"done in {(time.monotonic() - t_start) / 60:.1f} min; wrote " + ", ".join(str(p) for p in files.values()))
+        errors = sum(s.errors for s in stats)
+        if errors:
+            log(f"{errors} requests failed; see {files['requests_csv']}")
+            return 1
+        return 0
+
+
+def main_from_args(args: argparse.Namespace, command: str) -> int:
+    return Bench(args, command).run()

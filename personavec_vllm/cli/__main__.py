@@ -1,0 +1,5 @@
+import sys
+
+from personavec_vllm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,236 @@
+"""Persistent steering/capture tables, the worker's per-engine state.
+
+The custom op (`op.py`) only ever reads these buffers; the runner hook (`runner.py`) rewrites
+their contents in place before each forward. Nothing changes shape after start-up, so
+torch.compile and CUDA graphs see one fixed graph (the LoRA `token_lora_indices` pattern):
+
+- `lib[L, c]`   vector column `c` at layer `L` (raw), `unit[L, c]` the same normalised. A column
+  holds one version of one vector. Columns are bounded (`max_columns`), like vLLM's LoRA slots:
+  a column that no active request holds stays loaded (idle) until its slot is needed, then the
+  least recently used idle column is evicted. Only a table whose every column is held by a
+  running request is full, and then the request that needs one more fails alone.
+- `coef[L, r, c]` coefficient of column `c` for table row `r` at layer `L`. Row 0 is all
+  zeros: padding, dummy runs and plain requests read it. Each steered request owns three rows,
+  one per token phase (prompt before the last token / last prompt token / generated token),
+  so `positions` = all | prompt | response is just which phases get the coefficient.
+- `token_row[t]` the row of batch token `t`.
+- `proj[L, t, c]` projection of token `t`'s residual stream on column `c` after layer `L`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from personavec_vllm.library import VectorLibrary
+from personavec_vllm.spec import PersonaSpec
+
+logger = logging.getLogger(__name__)
+
+# Token phases; a steering `positions` mode is the set of phases it applies to.
+PROMPT, LAST_PROMPT, GENERATED = 0, 1, 2
+PHASES = {
+    "all": (PROMPT, LAST_PROMPT, GENERATED),
+    "prompt": (PROMPT, LAST_PROMPT),
+    "response": (LAST_PROMPT, GENERATED),
+}
+ROWS_PER_SLOT = 3
+
+
+class TableFull(RuntimeError):
+    """Every vector column is held by a running request."""
+
+
+class VectorUnavailable(RuntimeError):
+    """The version of a vector a request was admitted with cannot be found any more."""
+
+
+@dataclass
+class ActiveRequest:
+    """A persona request admitted to the tables."""
+
+    spec: PersonaSpec
+    slot: int | None  # owns rows 1 + 3*slot + phase; None when it only monitors
+    steer_layers: frozenset[int]
+    monitor: list[tuple[str, int, int]] = field(default_factory=list)  # (vector, layer, column)
+    columns: tuple[int, ...] = ()  # the columns it holds
+
+
+class SteeringTables:
+    def __init__(
+        self,
+        library: VectorLibrary,
+        *,
+        max_tokens: int,
+        max_slots: int,
+        max_columns: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ):
+        self.library = library
+        self.num_layers = library.num_layers
+        self.hidden_size = library.hidden_size
+        self.max_tokens = max_tokens
+        self.max_slots = max_slots
+        self.max_columns = max_columns
+        self.device = torch.device(device)
+        self.dtype = dtype
+        n_layers, hidden = self.num_layers + 1, self.hidden_size
+        f32, dev = torch.float32, self.device
+        self.lib = torch.zeros(n_layers, max_columns, hidden, dtype=f32, device=dev)
+        self.unit = torch.zeros(n_layers, max_columns, hidden, dtype=f32, device=dev)
+        self.coef = torch.zeros(n_layers, 1 + ROWS_PER_SLOT * max_slots, max_columns, dtype=f32, device=dev)
+        self.token_row = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
+        self.proj = torch.zeros(n_layers, max_tokens, max_columns, dtype=f32, device=dev)
+        self._token_row_host = np.zeros(max_tokens, dtype=np.int64)
+        self._rows_high = 0  # token_row[_rows_high:] is known to be zero
+        # Host-side switches read by the op outside CUDA-graph capture: skip idle layers.
+        self.steer_active = [False] * n_layers
+        self.capture_active = [False] * n_layers
+        self.columns: dict[tuple[str, str], int] = {}  # (vector, version) -> column
+        self._column_key: dict[int, tuple[str, str]] = {}
+        self._column_users = [0] * max_columns
+        self._idle: OrderedDict[int, None] = OrderedDict()  # loaded, held by nobody; oldest first
+        self._free_columns = list(range(max_columns))  # a heap: the lowest free column first
+        self.active_columns = 0  # columns >= this are empty: the op reads only [0, active_columns)
+        self.requests: dict[str, ActiveRequest | None] = {}  # vLLM req id -> state (None: plain)
+        self._free_slots = list(range(max_slots - 1, -1, -1))
+        self._slot_owner: dict[int, str] = {}
+        for name in library.names()[:max_columns]:  # warm start: the library, loaded and idle
+            vector = library.get(name)
+            if vector is not None:
+                self._idle[self.column(name, vector.version)] = None
+
+    # ---- vector columns -------------------------------------------------------------
+    def column(self, name: str, version: str) -> int:
+        """Column holding vector `name` at `version`, loading it if needed (evicting the least
+        recently used idle column when none is free). Raises `VectorUnavailable`, `TableFull`."""
+        key = (name, version)
+        col = self.columns.get(key)
+        if col is not None:
+            return col
+        vector = self.library.vector_at(name, version)
+        if vector is None:
+            raise VectorUnavailable(f"vector {name!r} at version {version} is no longer in the library")
+        if self._free_columns:
+            col = heapq.heappop(self._free_columns)
+        elif self._idle:
+            col, _ = self._idle.popitem(last=False)
+            del self.columns[self._column_key.pop(col)]
+        else:
+            raise TableFull(
+                f"all {self.max_columns} vector columns are held by running requests; "
+                "raise PERSONAVEC_MAX_LIBRARY or retry"
+            )
+        vecs = vector.vectors.to(self.device)
+        self.lib[:, col] = vecs
+        norms = vecs.norm(dim=1, keepdim=True)
+        self.unit[:, col] = torch.where(norms > 0, vecs / norms.clamp_min(1e-30), torch.zeros_like(vecs))
+        self.columns[key] = col
+        self._column_key[col] = key
+        self.active_columns = max(self.active_columns, col + 1)
+        self._idle[col] = None  # loaded, not yet held
+        return col
+
+    def _hold(self, col: int) -> None:
+        self._column_users[col] += 1
+        self._idle.pop(col, None)
+
+    def _unhold(self, col: int) -> None:
+        self._column_users[col] -= 1
+        if self._column_users[col] == 0:
+            self._idle[col] = None  # most recently used idle column
+
+    def column_of(self, name: str, version: str) -> int | None:
+        return self.columns.get((name, version))
+
+    # ---- request admission ------------------------------------------------------------
+    def admit(self, req_id: str, spec: PersonaSpec | None, batch_req_ids: set[str]) -> ActiveRequest | None:
+        """Take a request into the tables: hold the columns of the vector versions it was
+        admitted with, and (if it steers) a slot of coefficient rows. On any error nothing is
+        held and the request is recorded as plain."""
+        self.requests[req_id] = None
+        if spec is None or spec.is_empty:
+            return None
+        versions = dict(spec.versions)
+        held: list[int] = []
+        try:
+            cols = {}
+            for name in dict.fromkeys([t.vector for t in spec.steer] + [t.vector for t in spec.monitor]):
+                if name not in versions:
+                    raise VectorUnavailable(f"the request names vector {name!r} without its version")
+                cols[name] = col = self.column(name, versions[name])
+                self._hold(col)
+                held.append(col)
+            slot = self._take_slot(req_id, batch_req_ids) if spec.steer else None
+        except BaseException:
+            for col in held:
+                self._unhold(col)
+            raise
+        steer_layers: set[int] = set()
+        if slot is not None:
+            base = 1 + ROWS_PER_SLOT * slot
+            for term in spec.steer:
+                for layer in term.layers:
+                    for phase in PHASES[term.positions]:
+                        self.coef[layer, base + phase, cols[term.vector]] += term.coeff
+                steer_layers.update(term.layers)
+        monitor = [(t.vector, layer, cols[t.vector]) for t in spec.monitor for layer in t.layers]
+        state = ActiveRequest(spec, slot, frozenset(steer_layers), monitor, tuple(held))
+        self.requests[req_id] = state
+        return state
+
+    def release(self, req_id: str) -> ActiveRequest | None:
+        state = self.requests.pop(req_id, None)
+        if state is not None:
+            if state.slot is not None:
+                self._clear_slot(state.slot)
+            for col in state.columns:
+                self._unhold(col)
+        return state
+
+    def _take_slot(self, req_id: str, batch_req_ids: set[str]) -> int:
+        if not self._free_slots:
+            # Slots of requests not in this batch (preempted/paused) are reclaimed; such a
+            # request is re-admitted from its spec when it is scheduled again.
+            for owner in [o for o in self._slot_owner.values() if o not in batch_req_ids]:
+                self.release(owner)
+        if not self._free_slots:
+            raise TableFull(f"more than {self.max_slots} steered requests in one batch")
+        slot = self._free_slots.pop()
+        self._slot_owner[slot] = req_id
+        return slot
+
+    def _clear_slot(self, slot: int) -> None:
+        base = 1 + ROWS_PER_SLOT * slot
+        self.coef[:, base : base + ROWS_PER_SLOT].zero_()
+        del self._slot_owner[slot]
+        self._free_slots.append(slot)
+
+    # ---- per step ---------------------------------------------------------------------
+    def set_token_rows(self, spans: list[tuple[int, int, int, int, int]], num_tokens: int) -> None:
+        """`spans`: (batch token start, count, first position, num prompt tokens, slot) per
+        steered request in the batch. Every other token, padding included, reads row 0."""
+        if not spans:
+            num_tokens = 0
+        else:
+            rows = self._token_row_host
+            rows[:num_tokens] = 0
+            for start, count, first_pos, num_prompt, slot in spans:
+                pos = np.arange(first_pos, first_pos + count)
+                phase = (pos >= num_prompt - 1).astype(np.int64) + (pos >= num_prompt)
+                rows[start : start + count] = 1 + ROWS_PER_SLOT * slot + phase
+            self.token_row[:num_tokens].copy_(torch.from_numpy(rows[:num_tokens]), non_blocking=True)
+        if self._rows_high > num_tokens:  # rows a longer earlier batch left behind
+            self.token_row[num_tokens : self._rows_high].zero_()
+        self._rows_high = num_tokens
+
+    def set_active_layers(self, steer: set[int], capture: set[int]) -> None:
+        for layer in range(self.num_layers + 1):
+            self.steer_active[layer] = layer in steer
+            self.capture_active[layer] = layer in capture

@@ -1,0 +1,28 @@
+"""What monitoring returns: a request's projections on one vector at one layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class LayerProjection:
+    """Projections of one request on one vector at one layer."""
+
+    prompt_last: float
+    response_mean: float | None
+    per_token: list[float]
+
+    def to_dict(self, per_token: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {"prompt_last": self.prompt_last, "response_mean": self.response_mean}
+        if per_token:
+            out["per_token"] = self.per_token
+        return out
+
+
+def summarize(values: list[float]) -> LayerProjection:
+    """`values[0]` is the last prompt token; the rest are the generated tokens fed back."""
+    response = values[1:]
+    mean = sum(response) / len(response) if response else None
+    return LayerProjection(values[0], mean, list(values))

@@ -8,6 +8,7 @@ through the getters here, so that a test or an operator can change it before a p
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # ---- keys in SamplingParams.extra_args ----------------------------------------------------
 # The offline API's persona spec (`{persona_steer, persona_monitor, request_key}`).
@@ -65,6 +66,14 @@ def get_float(name: str) -> float:
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
+def cache_dir() -> Path:
+    """Root cache folder: `$PERSONAVEC_CACHE_DIR`, default `~/.cache/personavec` (the converted
+    default model, tiny test models, the versions vector libraries keep)."""
+    env = os.environ.get(CACHE_DIR)
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "personavec"
+    return root.resolve()
 
 
 def comma_list(text: str | None) -> list[str]:

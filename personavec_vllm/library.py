@@ -7,6 +7,7 @@ and folders for the offline tools (screening, rules, the benchmark).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -14,14 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from personavec_vllm import config
 from personavec_vllm.files import atomic_write_bytes
 from personavec_vllm.vectors import NAME_RULE, PersonaVector, VectorFileError, is_valid_name, load_vector, parse_vector
 
 logger = logging.getLogger(__name__)
 
-# Where the library keeps every version it has served, so that requests admitted with a version
-# keep it after the file is replaced or deleted (hidden: not part of the library listing).
-VERSIONS_DIR = ".versions"
+# How long a library keeps a version that is no longer live, for requests admitted with it.
 VERSION_RETENTION_S = 3600.0
 
 
@@ -94,9 +94,10 @@ class VectorLibrary:
     left out (and listed in `problems`), never served, and never breaks the library for others.
 
     With `keep_versions` (the process that owns the directory: the API server), every version
-    loaded is also kept, as a hard link under `.versions/`, for an hour after it stopped being
-    live: requests admitted with a version can still be served it after the file was replaced or
-    deleted (`vector_at`).
+    loaded is also kept for an hour after it stopped being live, in a versions store under the
+    cache folder (`versions_dir`: a hard link where the filesystem allows, else a copy; never inside
+    the library, which may be read-only package data): requests admitted with a version can still
+    be served it after the file was replaced or deleted (`vector_at`).
     """
 
     def __init__(
@@ -194,27 +195,36 @@ class VectorLibrary:
                 listener(change)
         return change
 
-    def _version_path(self, name: str, version: str) -> Path:
+    @property
+    def versions_dir(self) -> Path:
+        """The versions store of this library: one folder per library path, under the cache."""
         assert self.directory is not None
-        return self.directory / VERSIONS_DIR / f"{name}.{version}.safetensors"
+        key = hashlib.sha256(str(self.directory.resolve()).encode()).hexdigest()[:16]
+        return config.cache_dir() / "library-versions" / key
+
+    def _version_path(self, name: str, version: str) -> Path:
+        return self.versions_dir / f"{name}.{version}.safetensors"
 
     def _keep(self, path: Path, vector: PersonaVector) -> None:
         kept = self._version_path(vector.name, vector.version)
         if kept.exists():
             return
         try:
-            kept.parent.mkdir(exist_ok=True)
-            os.link(path, kept)
-        except FileExistsError:
-            pass
-        except OSError as exc:  # read-only library, or a filesystem without hard links
-            logger.debug("personavec: cannot keep version %s of %s (%s)", vector.version, vector.name, exc)
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, kept)
+            except FileExistsError:
+                pass
+            except OSError:  # another filesystem, or no hard links: a copy
+                atomic_write_bytes(kept, path.read_bytes())
+        except OSError as exc:
+            logger.warning("personavec: cannot keep version %s of %s (%s)", vector.version, vector.name, exc)
 
     def _forget_old_versions(self) -> None:
         assert self.directory is not None
         live = {(v.name, v.version) for v in self._vectors.values()}
         cutoff = time.time() - VERSION_RETENTION_S
-        for kept in (self.directory / VERSIONS_DIR).glob("*.safetensors"):
+        for kept in self.versions_dir.glob("*.safetensors"):
             name, _, version = kept.stem.rpartition(".")
             try:
                 if (name, version) not in live and kept.stat().st_ctime < cutoff:

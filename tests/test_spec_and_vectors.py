@@ -11,14 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from personavec_vllm.engine.tables import SteeringTables
+from personavec_vllm.library import VectorLibrary
 from personavec_vllm.spec import Limits, PersonaSpec, PersonaSpecError, parse_extra_args, parse_spec
-from personavec_vllm.vectors import (
-    PersonaVector,
-    VectorFileError,
-    VectorLibrary,
-    load_vector,
-    save_vector,
-)
+from personavec_vllm.vectors import PersonaVector, VectorFileError, load_vector, save_vector
 
 L, H = 4, 16
 
@@ -301,7 +296,8 @@ def test_library_leaves_out_files_that_break_later(library, tmp_path, caplog):
         VectorLibrary(tmp_path, L, H)
 
 
-def test_library_install_validates_before_writing_and_caps_the_count(tmp_path):
+def test_library_install_validates_before_writing_and_caps_the_count(tmp_path, monkeypatch):
+    monkeypatch.setenv("PERSONAVEC_CACHE_DIR", str(tmp_path / "cache"))
     from personavec_vllm.library import LibraryFull
 
     library = VectorLibrary(tmp_path, L, H, max_vectors=2, keep_versions=True)
@@ -316,7 +312,8 @@ def test_library_install_validates_before_writing_and_caps_the_count(tmp_path):
     assert library.names() == ["a", "b"]
 
 
-def test_library_keeps_versions_that_requests_hold(tmp_path):
+def test_library_keeps_versions_that_requests_hold(tmp_path, monkeypatch):
+    monkeypatch.setenv("PERSONAVEC_CACHE_DIR", str(tmp_path / "cache"))
     owner = VectorLibrary(tmp_path, L, H, keep_versions=True)
     worker = VectorLibrary(tmp_path, L, H)  # another process's view of the same directory
     first = owner.install("v", _file_bytes(torch.ones(L + 1, H)))
@@ -353,7 +350,8 @@ def test_spec_refusals_that_used_to_pass_or_crash(library):
             PersonaSpec.from_dict(bad)
 
 
-def test_cache_salt_depends_on_the_vector_version(tmp_path):
+def test_cache_salt_depends_on_the_vector_version(tmp_path, monkeypatch):
+    monkeypatch.setenv("PERSONAVEC_CACHE_DIR", str(tmp_path / "cache"))
     owner = VectorLibrary(tmp_path, L, H, keep_versions=True)
     owner.install("v", _file_bytes(torch.ones(L + 1, H)))
     steer = [{"vector": "v", "coeff": 1.0, "positions": "all"}]
@@ -363,7 +361,8 @@ def test_cache_salt_depends_on_the_vector_version(tmp_path):
     assert parse_spec(steer, None, owner).cache_salt() != old
 
 
-def test_tables_evict_idle_columns_and_fail_only_when_all_are_held(tmp_path):
+def test_tables_evict_idle_columns_and_fail_only_when_all_are_held(tmp_path, monkeypatch):
+    monkeypatch.setenv("PERSONAVEC_CACHE_DIR", str(tmp_path / "cache"))
     from personavec_vllm.engine.tables import TableFull, VectorUnavailable
 
     owner = VectorLibrary(tmp_path, L, H, keep_versions=True)
@@ -389,7 +388,7 @@ def test_tables_evict_idle_columns_and_fail_only_when_all_are_held(tmp_path):
     assert tables.admit("z2", parse_spec(None, {"vectors": ["z"]}, owner), set()).monitor
     gone = parse_spec(None, {"vectors": ["y"]}, owner)
     owner.remove("y")
-    shutil.rmtree(tmp_path / ".versions")
+    shutil.rmtree(owner.versions_dir)
     tables.release("hold-y")
     for _ in range(2):  # y's column is evicted by new vectors; y's version is gone everywhere
         tables.column(f"new{_}", owner.install(f"new{_}", _file_bytes()).version)

@@ -15,10 +15,6 @@ import pytest
 
 from personavec_vllm.cli import main
 from personavec_vllm.traits import (
-    DEFAULT_COHERENCE_PROMPT,
-    MIN_INSTRUCTION_PAIRS,
-    MIN_MULTIPLE_CHOICE,
-    MIN_QUESTIONS,
     TRAITS_DIR,
     TraitDefinition,
     TraitDraftError,
@@ -28,6 +24,12 @@ from personavec_vllm.traits import (
     parse_trait,
     shipped_traits,
     validate_file,
+)
+from personavec_vllm.traits.schema import (
+    DEFAULT_COHERENCE_PROMPT,
+    MIN_INSTRUCTION_PAIRS,
+    MIN_MULTIPLE_CHOICE,
+    MIN_QUESTIONS,
 )
 
 SHIPPED = ["evil", "sycophantic", "hallucinating", "impolite", "humorous"]

@@ -185,7 +185,9 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
         "--phases",
         "examples,coverage,fuzzing",
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=tmp_path)  # its cache stays out of the repo
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=1200, cwd=tmp_path
+    )  # its cache stays out of the repo
     tail = out.stdout[-6000:] + out.stderr[-2000:]
     assert out.returncode == 0, tail
     assert "passed" in out.stdout.lower() or "no issues" in out.stdout.lower(), tail

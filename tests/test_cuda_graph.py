@@ -25,7 +25,7 @@ def _eager_reference(tables, hidden, residual, layer):
 
 def test_captured_graph_follows_table_updates():
     from personavec_vllm.engine import op
-    from personavec_vllm.engine.tables import SteeringTables
+    from personavec_vllm.engine.tables import SteeringTables, TokenSpan
     from personavec_vllm.library import VectorLibrary
     from personavec_vllm.spec import parse_spec
     from personavec_vllm.vectors import PersonaVector
@@ -63,7 +63,7 @@ def test_captured_graph_follows_table_updates():
             spans = []
             if steer is not None:
                 state = tables.admit(f"r{step}", parse_spec(steer, None, library), {f"r{step}"})
-                spans = [(3, 8, 0, 6, state.slot)]  # tokens 3..10: positions 0..7 of a 6-token prompt
+                spans = [(TokenSpan(3, 8, 0, 6), state.slot)]  # tokens 3..10: positions 0..7 of a 6-token prompt
             tables.set_token_rows(spans, 12)
             x = torch.randn(T, H, generator=gen).cuda()
             r = torch.randn(T, H, generator=gen).cuda()

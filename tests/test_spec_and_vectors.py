@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from personavec_vllm.engine.tables import SteeringTables
+from personavec_vllm.engine.tables import SteeringTables, TokenSpan
 from personavec_vllm.library import VectorLibrary
 from personavec_vllm.spec import Limits, PersonaSpec, PersonaSpecError, parse_extra_args, parse_spec
 from personavec_vllm.vectors import PersonaVector, VectorFileError, load_vector, save_vector
@@ -175,7 +175,7 @@ def test_tables_rows_and_phases(library):
     assert tables.coef[3, 1:4, kind].tolist() == [0.0, -1.0, -1.0]
     assert tables.coef[2].abs().sum() == 0 and tables.coef[:, 0].abs().sum() == 0
     # a plain request (3 tokens) then r1's chunk covering positions 3..7 of a 6-token prompt
-    tables.set_token_rows([(3, 5, 3, 6, 0)], 8)
+    tables.set_token_rows([(TokenSpan(start=3, count=5, first=3, num_prompt=6), 0)], 8)
     assert tables.token_row[:10].tolist() == [0, 0, 0, 1, 1, 2, 3, 3, 0, 0]
     tables.set_token_rows([], 8)  # a batch without steering reads row 0 everywhere
     assert tables.token_row.abs().sum() == 0
@@ -200,7 +200,7 @@ def test_op_adds_steering_and_projects(library):
     tables = SteeringTables(library, max_tokens=8, max_slots=2, max_columns=4, device="cpu", dtype=torch.float32)
     spec = parse_spec([{"vector": "evil", "coeff": 3.0, "layers": [2], "positions": "all"}], None, library)
     tables.admit("r", spec, {"r"})
-    tables.set_token_rows([(1, 2, 0, 2, 0)], 4)  # tokens 1 and 2 belong to the steered request
+    tables.set_token_rows([(TokenSpan(1, 2, 0, 2), 0)], 4)  # tokens 1 and 2 belong to the steered request
     tables.set_active_layers({2}, {2})
     hidden, residual = torch.randn(4, H), torch.randn(4, H)
     before = residual.clone()

@@ -8,6 +8,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from personavec_vllm import config
+
 DEFAULT_OUT = Path("benchmarks") / "results"
 SERVED_NAME = "personavec-bench"
 NUM_VECTORS = 8
@@ -16,7 +18,7 @@ RUN_DOC = "What persona steering and monitoring cost on the real HTTP server, an
 
 def _int_list(text: str) -> list[int]:
     try:
-        values = [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in config.comma_list(text)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or any(v < 1 for v in values):
@@ -38,7 +40,7 @@ def _scenario_list(text: str) -> list[str]:
 
     by_number = {s.number: s.key for s in SCENARIOS}
     keys = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
+    for part in config.comma_list(text):
         key = by_number.get(part, part)
         if key not in BY_KEY:
             raise argparse.ArgumentTypeError(

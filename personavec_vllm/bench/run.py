@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from personavec_vllm import config
 from personavec_vllm.bench.options import SERVED_NAME
 from personavec_vllm.bench.setup import (
     CpuMeter,
@@ -130,7 +131,7 @@ class Bench:
         if plugin:
             env["VLLM_PLUGINS"] = default_vllm_plugins()
         else:
-            others = [n for n in default_vllm_plugins().split(",") if n and n != PLUGIN_NAME]
+            others = [n for n in config.comma_list(default_vllm_plugins()) if n != PLUGIN_NAME]
             # an allow-list naming every other installed general plugin, not ours
             env["VLLM_PLUGINS"] = ",".join(others) or "none"
         return env
@@ -183,7 +184,7 @@ class Bench:
         cores = re.search(r"local_rank=0, core ids=\[([0-9, ]*)\]", text)
         reserved = re.search(r"reserved_cpus=\[([0-9, ]*)\]", text)
         if cores:
-            ids = [x for x in cores.group(1).replace(" ", "").split(",") if x]
+            ids = config.comma_list(cores.group(1))
             self.worker_threads = len(ids)
             self.notes.append(
                 f"{which} server: vLLM's CPU worker runs {len(ids)} OpenMP thread(s) on core(s) "

@@ -186,7 +186,7 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     except ModelUnavailableError as exc:
         print(f"personavec serve: {exc}", file=sys.stderr)
         return 1
-    if PLUGIN_NAME not in env["VLLM_PLUGINS"].split(","):
+    if PLUGIN_NAME not in config.comma_list(env["VLLM_PLUGINS"]):
         print(
             f"personavec serve: warning: VLLM_PLUGINS={env['VLLM_PLUGINS']!r} does not name "
             f"'{PLUGIN_NAME}'; persona steering and routes will be off",

@@ -50,6 +50,21 @@ class VectorUnavailable(RuntimeError):
     """The version of a vector a request was admitted with cannot be found any more."""
 
 
+@dataclass(frozen=True, slots=True)
+class TokenSpan:
+    """One request's tokens in a step's batch: batch positions `start .. start + count - 1` are
+    sequence positions `first .. first + count - 1` of a request with `num_prompt` prompt tokens."""
+
+    start: int
+    count: int
+    first: int
+    num_prompt: int
+
+    @property
+    def reaches_last_prompt_token(self) -> bool:
+        return self.first + self.count >= self.num_prompt
+
+
 @dataclass
 class ActiveRequest:
     """A persona request admitted to the tables."""
@@ -213,18 +228,18 @@ class SteeringTables:
         self._free_slots.append(slot)
 
     # ---- per step ---------------------------------------------------------------------
-    def set_token_rows(self, spans: list[tuple[int, int, int, int, int]], num_tokens: int) -> None:
-        """`spans`: (batch token start, count, first position, num prompt tokens, slot) per
-        steered request in the batch. Every other token, padding included, reads row 0."""
+    def set_token_rows(self, spans: list[tuple[TokenSpan, int]], num_tokens: int) -> None:
+        """`spans`: (the tokens, the slot) of each steered request in the batch. Every other
+        token, padding included, reads row 0."""
         if not spans:
             num_tokens = 0
         else:
             rows = self._token_row_host
             rows[:num_tokens] = 0
-            for start, count, first_pos, num_prompt, slot in spans:
-                pos = np.arange(first_pos, first_pos + count)
-                phase = (pos >= num_prompt - 1).astype(np.int64) + (pos >= num_prompt)
-                rows[start : start + count] = 1 + ROWS_PER_SLOT * slot + phase
+            for span, slot in spans:
+                pos = np.arange(span.first, span.first + span.count)
+                phase = (pos >= span.num_prompt - 1).astype(np.int64) + (pos >= span.num_prompt)
+                rows[span.start : span.start + span.count] = 1 + ROWS_PER_SLOT * slot + phase
             self.token_row[:num_tokens].copy_(torch.from_numpy(rows[:num_tokens]), non_blocking=True)
         if self._rows_high > num_tokens:  # rows a longer earlier batch left behind
             self.token_row[num_tokens : self._rows_high].zero_()

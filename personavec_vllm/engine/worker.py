@@ -23,7 +23,7 @@ import logging
 from personavec_vllm import config
 from personavec_vllm.config import REPLY_TO_KEY, RESOLVED_KEY
 from personavec_vllm.engine import _compat, op
-from personavec_vllm.engine.tables import SteeringTables
+from personavec_vllm.engine.tables import ActiveRequest, SteeringTables, TokenSpan
 from personavec_vllm.engine.transport import Message, ResultRouter
 from personavec_vllm.library import VectorLibrary
 from personavec_vllm.spec import PersonaSpec
@@ -58,9 +58,9 @@ class StepPlan:
 
     __slots__ = ("monitors", "num_tokens", "report")
 
-    def __init__(self, num_tokens: int, monitors: list, report: Message):
+    def __init__(self, num_tokens: int, monitors: list[tuple[ActiveRequest, TokenSpan]], report: Message):
         self.num_tokens = num_tokens
-        self.monitors = monitors  # (ActiveRequest, batch start, count, first position, num prompt)
+        self.monitors = monitors  # monitored requests whose span reaches their last prompt token
         self.report = report  # admissions and failures of this step
 
 
@@ -129,7 +129,8 @@ def plan_step(runner, num_scheduled_tokens) -> StepPlan | None:
         return None
     batch = runner.input_batch
     req_ids = batch.req_ids[: batch.num_reqs]
-    spans, monitors = [], []
+    spans: list[tuple[TokenSpan, int]] = []
+    monitors: list[tuple[ActiveRequest, TokenSpan]] = []
     steer_layers: set[int] = set()
     capture_layers: set[int] = set()
     report = Message()
@@ -143,13 +144,12 @@ def plan_step(runner, num_scheduled_tokens) -> StepPlan | None:
             batch_ids = batch_ids or set(req_ids)
             state = _admit(runner, tables, req_id, batch_ids, report)
         if state is not None:
-            first = int(batch.num_computed_tokens_cpu[i])
-            num_prompt = int(batch.num_prompt_tokens[i])
+            span = TokenSpan(start, count, int(batch.num_computed_tokens_cpu[i]), int(batch.num_prompt_tokens[i]))
             if state.slot is not None:
-                spans.append((start, count, first, num_prompt, state.slot))
+                spans.append((span, state.slot))
                 steer_layers |= state.steer_layers
-            if state.monitor and first + count >= num_prompt:  # reaches the last prompt token
-                monitors.append((state, start, count, first, num_prompt))
+            if state.monitor and span.reaches_last_prompt_token:
+                monitors.append((state, span))
                 capture_layers.update(layer for _, layer, _ in state.monitor)
         start += count
     tables.set_token_rows(spans, start)
@@ -162,14 +162,14 @@ def read_projections(tables: SteeringTables, plan: StepPlan) -> Message:
     message = plan.report
     if not plan.monitors:
         return message
-    layers = sorted({layer for state, *_ in plan.monitors for _, layer, _ in state.monitor})
+    layers = sorted({layer for state, _ in plan.monitors for _, layer, _ in state.monitor})
     index = {layer: i for i, layer in enumerate(layers)}
     proj = tables.proj[layers, : plan.num_tokens].cpu().numpy()  # one device->host copy
-    for state, start, count, first, num_prompt in plan.monitors:
-        lo = max(first, num_prompt - 1)  # first response position in this span
-        tokens = slice(start + lo - first, start + count)
+    for state, span in plan.monitors:
+        lo = max(span.first, span.num_prompt - 1)  # first response position in this span
+        tokens = slice(span.start + lo - span.first, span.start + span.count)
         series = {(vector, layer): proj[index[layer], tokens, col].tolist() for vector, layer, col in state.monitor}
-        message.values.append((state.spec.request_key, lo - (num_prompt - 1), series))
+        message.values.append((state.spec.request_key, lo - (span.num_prompt - 1), series))
     return message
 
 

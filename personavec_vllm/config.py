@@ -36,6 +36,7 @@ DRAFT_MODEL = "PERSONAVEC_DRAFT_MODEL"  # `personavec trait new`: the model that
 JUDGE_BASE_URL = "PERSONAVEC_JUDGE_BASE_URL"  # `personavec extract`: the judge endpoint
 JUDGE_MODEL = "PERSONAVEC_JUDGE_MODEL"
 JUDGE_API_KEY = "PERSONAVEC_JUDGE_API_KEY"
+POLICY = "PERSONAVEC_POLICY"  # the server policy file (personavec serve --policy)
 FAULT_VECTOR = "PERSONAVEC_FAULT_VECTOR"  # tests only: the worker fails requests using this vector
 
 DEFAULTS: dict[str, str] = {

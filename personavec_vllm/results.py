@@ -8,21 +8,26 @@ from typing import Any
 
 @dataclass
 class LayerProjection:
-    """Projections of one request on one vector at one layer."""
+    """Projections of one request on one vector at one layer, of the residual stream after the
+    request's own steering terms at that layer; `before`: the same before them (only where the
+    request steers at that layer)."""
 
     prompt_last: float
     response_mean: float | None
     per_token: list[float]
+    before: LayerProjection | None = None
 
     def to_dict(self, per_token: bool) -> dict[str, Any]:
         out: dict[str, Any] = {"prompt_last": self.prompt_last, "response_mean": self.response_mean}
         if per_token:
             out["per_token"] = self.per_token
+        if self.before is not None:
+            out["before_steering"] = self.before.to_dict(per_token)
         return out
 
 
-def summarize(values: list[float]) -> LayerProjection:
+def summarize(values: list[float], before: list[float] | None = None) -> LayerProjection:
     """`values[0]` is the last prompt token; the rest are the generated tokens fed back."""
     response = values[1:]
     mean = sum(response) / len(response) if response else None
-    return LayerProjection(values[0], mean, list(values))
+    return LayerProjection(values[0], mean, list(values), None if before is None else summarize(before))

@@ -44,6 +44,25 @@ def coeff():
     )
 
 
+def threshold():
+    return st.one_of(
+        st.floats(min_value=-20, max_value=20),
+        st.fixed_dictionaries({"sd": coeff()}),
+        st.dictionaries(st.text(max_size=4), json_leaf, max_size=2),
+        json_leaf,
+    )
+
+
+def gate(names, num_layers):
+    return st.one_of(
+        st.fixed_dictionaries(
+            {"vector": vector_name(names)},
+            optional={"layer": layer(num_layers), "above": threshold(), "below": threshold()},
+        ),
+        json_value,
+    )
+
+
 def steer_term(names, num_layers):
     fields = {
         "vector": vector_name(names),
@@ -51,12 +70,28 @@ def steer_term(names, num_layers):
         "layers": st.one_of(st.none(), st.lists(layer(num_layers), max_size=4), json_leaf),
         "positions": st.one_of(st.sampled_from(POSITIONS), json_leaf),
     }
+    ops = {
+        "op": st.one_of(st.sampled_from(["add", "ablate", "cap"]), json_leaf),
+        "min": threshold(),
+        "max": threshold(),
+        "when": gate(names, num_layers),
+    }
     return st.one_of(
         st.fixed_dictionaries(
             {"vector": fields["vector"], "coeff": fields["coeff"]},
-            optional={"layers": fields["layers"], "positions": fields["positions"]},
+            optional={"layers": fields["layers"], "positions": fields["positions"], "when": ops["when"]},
         ),
-        st.fixed_dictionaries({}, optional={**fields, "weight": json_leaf}),
+        st.fixed_dictionaries(
+            {"vector": fields["vector"], "op": st.sampled_from(["ablate", "cap"])},
+            optional={
+                "layers": fields["layers"],
+                "positions": fields["positions"],
+                "min": ops["min"],
+                "max": ops["max"],
+                "when": ops["when"],
+            },
+        ),
+        st.fixed_dictionaries({}, optional={**fields, **ops, "weight": json_leaf}),
         json_value,
     )
 

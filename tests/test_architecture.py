@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "personavec_vllm"
-CORE = {"config", "files", "vectors", "library", "spec", "projection", "results", "interop", "data"}
+CORE = {"config", "files", "vectors", "library", "terms", "spec", "projection", "results", "interop", "data"}
 MAX_LINES = 500
 
 

@@ -169,6 +169,8 @@ def _all_stats(levels=(1, 8, 32)):
         "steer_distinct": 0.96,
         "monitor1": 0.97,
         "monitor3": 0.9,
+        "ops": 0.985,
+        "policy_monitor3": 0.95,
         "hf_same": 0.5,
         "hf_distinct": 0.1,
     }
@@ -187,6 +189,10 @@ def test_ratios_speedup_and_targets():
     assert rows[("3, 4 >= 0.97 x plain vLLM", "steer_same")]["met"]
     assert not rows[("3, 4 >= 0.97 x plain vLLM", "steer_distinct")]["met"]
     assert not rows[("5 >= 0.95 x plain vLLM", "monitor3")]["met"]
+    ops = "5c, 5d >= 0.97 x 2 (plugin, unsteered) at concurrency 32"
+    assert rows[(ops, "ops")]["met"] and set(rows[(ops, "ops")]["measured"]) == {32}
+    assert rows[(ops, "ops")]["measured"][32] == pytest.approx(0.985 / 0.995)
+    assert not rows[(ops, "policy_monitor3")]["met"]
     hf = rows[("4 >= 5 x 6b (HF, distinct specs) at concurrency 32", "steer_distinct")]
     assert hf["met"] and set(hf["measured"]) == {32}
     # without 1', scenario 1 alone is the baseline

@@ -262,3 +262,88 @@ def check_dashboard(server: str, prom: str) -> None:
     for _, expr in deploy.panel_queries(board):
         used |= set(re.findall(r"(?<![\w:])((?:vllm:|personavec_)\w+)(?![\w:])", expr))
     assert used and used <= exposed, sorted(used - exposed)
+
+
+def test_drift_alert_on_traffic_that_never_asked(setup):
+    """A server policy monitors all traffic: plain requests, which send no persona field, feed the
+    drift mean; a policy change (PUT, hot) that steers every reply toward the trait makes the
+    alert fire, and the version metric moves."""
+    root, model, vectors = setup
+    rules = root / "rules-policy.yml"
+    gen = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "personavec_vllm.cli",
+            "deploy",
+            "rules",
+            "--vectors",
+            str(vectors),
+            "--out",
+            str(rules),
+            "--window",
+            WINDOW,
+            "--for",
+            "2s",
+            "--interval",
+            "1s",
+            "--min-samples",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert gen.returncode == 0, gen.stderr
+    policy = root / "policy.yaml"
+    policy.write_text("monitor: {vectors: [a], layers: [2]}\nsteer: [{vector: a, coeff: -8, layers: [2]}]\n")
+    port = free_port()
+    args = [
+        "--model",
+        model,
+        "--vectors",
+        str(vectors),
+        "--served-model-name",
+        MODEL,
+        "--enforce-eager",
+        "--max-model-len",
+        "1024",
+        "--policy",
+        str(policy),
+    ]
+    env = {**os.environ, "PERSONAVEC_ADMIN_KEY": "e2e-admin"}
+    with (
+        run_server(args, port=port, log_path=root / "server-policy.log", env=env) as server,
+        prometheus(root, f"127.0.0.1:{port}", str(rules)) as prom,
+    ):
+        until(lambda: query(prom, 'up{job="personavec"} == 1'), 30, "the first scrape")
+        a_mean = f'{MEAN}{{vector="a", kind="response_mean", model="{MODEL}", layer="2"}}'
+
+        def plain(i):
+            reply = http_json(
+                server + "/v1/completions", {"model": MODEL, "prompt": f"Item {i}.", "max_tokens": 6, "temperature": 0}
+            )
+            assert "persona" not in reply
+
+        start, i = time.monotonic(), 0
+        while time.monotonic() - start < 8 or not query(prom, a_mean):
+            plain(i)
+            i += 1
+            assert time.monotonic() - start < 60, "no recorded drift mean from unmonitored traffic after 60 s"
+        assert float(query(prom, a_mean)[0]["value"][1]) < 0 and alerts(prom, "a") == []
+        req = urllib.request.Request(
+            server + "/v1/persona/policy",
+            method="PUT",
+            data=b"monitor: {vectors: [a], layers: [2]}\nsteer: [{vector: a, coeff: 8, layers: [2]}]\n",
+            headers={"Authorization": "Bearer e2e-admin"},
+        )
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            assert json.loads(resp.read())["policy"]["version"] == 2
+        states = set()
+        start = time.monotonic()
+        while time.monotonic() - start < 120 and "firing" not in states:
+            plain(i)
+            i += 1
+            states |= {x["state"] for x in alerts(prom, "a") if x["labels"]["alertname"] == "PersonaTraitDrift"}
+        assert "firing" in states, (states, query(prom, a_mean))
+        assert [float(s["value"][1]) for s in query(prom, "personavec_policy_version")] == [2.0]

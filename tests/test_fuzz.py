@@ -32,8 +32,10 @@ LIMITS = Limits(max_abs_coeff=10, max_vectors=3)
 def _library():
     library = VectorLibrary(None, L, H)
     gen = torch.Generator().manual_seed(0)
-    for name in NAMES:
-        library.add(PersonaVector(name, torch.randn(L + 1, H, generator=gen), name, "m", 2))
+    plain = json.dumps({"plain": {str(layer): {"mean": 0.5, "std": 2.0} for layer in range(1, L + 1)}})
+    for name in NAMES:  # one with plain-reply statistics (thresholds in sd units), one without
+        extra = {"stats": plain} if name == NAMES[0] else {}
+        library.add(PersonaVector(name, torch.randn(L + 1, H, generator=gen), name, "m", 2, extra=extra))
     return library
 
 
@@ -45,6 +47,12 @@ def _check_valid(spec: PersonaSpec) -> None:
     for term in spec.steer:
         assert term.vector in NAMES and math.isfinite(term.coeff) and abs(term.coeff) <= LIMITS.max_abs_coeff
         assert term.layers and all(1 <= x <= L for x in term.layers) and term.positions in ("all", "prompt", "response")
+        assert term.op in ("add", "ablate", "cap") and (term.op == "add" or term.coeff == 0.0)
+        bounds = [b for b in (term.low, term.high) if b is not None]
+        assert all(math.isfinite(b) for b in bounds) and (len(bounds) < 2 or term.low <= term.high)
+        assert term.op != "cap" or bounds
+        if term.when is not None:
+            assert term.when.vector in NAMES and 1 <= term.when.layer <= L and math.isfinite(term.when.threshold)
     for term in spec.monitor:
         assert term.vector in NAMES and all(1 <= x <= L for x in term.layers)
     assert dict(spec.versions) == {n: LIBRARY.version(n) for n in dict(spec.versions)}

@@ -125,7 +125,8 @@ def test_openai_client_matches_engine(engine_reference, server, client):
     )
     plain = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=8, temperature=0)
     persona = completion.model_extra["persona"]
-    assert persona["steer"] == STEER
+    # the applied terms, with their op and who asked for them spelled out
+    assert persona["steer"] == [{**t, "op": "add", "source": "client"} for t in STEER]
     assert "persona" not in plain.model_extra
     text, proj = engine_reference
     assert completion.choices[0].text == text != plain.choices[0].text
@@ -169,6 +170,16 @@ def test_streaming_returns_the_same_persona_object(client):
         ({"persona_monitor": "yes"}, "persona_monitor"),
         ({"persona_monitor": True, "n": 2}, "n"),
         ({"persona_steering": []}, "persona_steering"),
+        ({"persona_steer": [{"vector": "a", "op": "shrink"}]}, "persona_steer[0].op"),
+        ({"persona_steer": [{"vector": "a", "op": "ablate", "coeff": 1}]}, "persona_steer[0].coeff"),
+        ({"persona_steer": [{"vector": "a", "op": "cap"}]}, "persona_steer[0]"),
+        ({"persona_steer": [{"vector": "a", "op": "cap", "max": {"sd": 1}}]}, "persona_steer[0].max"),
+        ({"persona_steer": [{"vector": "a", "op": "cap", "min": 2, "max": 1}]}, "persona_steer[0].min"),
+        ({"persona_steer": [{"vector": "a", "coeff": 1, "when": {"vector": "b"}}]}, "persona_steer[0].when"),
+        (
+            {"persona_steer": [{"vector": "a", "coeff": 1, "when": {"vector": "b", "above": "x"}}]},
+            "persona_steer[0].when.above",
+        ),
     ],
 )
 def test_bad_input_is_a_400_naming_the_field(server, client, extra, field):
@@ -177,6 +188,31 @@ def test_bad_input_is_a_400_naming_the_field(server, client, extra, field):
     assert body["error"]["param"] == field and field in body["error"]["message"]
     ok = client.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=2)  # still serving
     assert ok.choices[0].text is not None
+
+
+def test_ops_report_their_decisions_and_both_projections(client):
+    """A conditional term says whether it fired; projections at a layer the request steers come
+    before and after its own terms there (an ablated projection is 0 after)."""
+    steer = [
+        {"vector": "a", "op": "ablate", "layers": [2], "positions": "all"},
+        {"vector": "b", "coeff": 2.0, "layers": [3], "when": {"vector": "c", "layer": 1, "above": -1e6}},
+        {"vector": "c", "coeff": 2.0, "layers": [3], "when": {"vector": "c", "layer": 1, "below": -1e6}},
+    ]
+    reply = client.completions.create(
+        model=MODEL_NAME,
+        prompt=PROMPT,
+        max_tokens=6,
+        temperature=0,
+        extra_body={
+            "persona_steer": steer,
+            "persona_monitor": {"vectors": ["a", "b"], "layers": [2, 4], "per_token": True},
+        },
+    )
+    persona = reply.model_extra["persona"]
+    assert [t.get("fired") for t in persona["steer"]] == [None, True, False]
+    at2 = persona["projections"]["a"]["2"]
+    assert max(abs(v) for v in at2["per_token"]) < 1e-4 and abs(at2["before_steering"]["prompt_last"]) > 1e-3
+    assert "before_steering" not in persona["projections"]["a"]["4"]  # no term of its own at layer 4
 
 
 def test_seeded_request_is_refused_not_fatal_on_cpu(server, client):

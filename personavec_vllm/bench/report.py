@@ -166,6 +166,13 @@ TARGETS = (
     Target("3, 4 >= 0.97 x plain vLLM", ("steer_same", "steer_distinct"), 0.97),
     Target("5 >= 0.95 x plain vLLM", ("monitor1", "monitor3"), 0.95),
     Target(
+        "5c, 5d >= 0.97 x 2 (plugin, unsteered) at concurrency 32",
+        ("ops", "policy_monitor3"),
+        0.97,
+        over="unsteered",
+        concurrency=32,
+    ),
+    Target(
         "4 >= 5 x 6b (HF, distinct specs) at concurrency 32",
         ("steer_distinct",),
         5.0,

@@ -42,6 +42,8 @@ from personavec_vllm.bench.setup import (
     persona_check,
 )
 
+BENCH_ADMIN_KEY = "personavec-bench-admin"  # scenario 5d changes the server policy
+
 # ---- the run ------------------------------------------------------------------------------
 
 
@@ -130,6 +132,7 @@ class Bench:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         if plugin:
             env["VLLM_PLUGINS"] = default_vllm_plugins()
+            env["PERSONAVEC_ADMIN_KEY"] = BENCH_ADMIN_KEY  # scenario 5d changes the policy
         else:
             others = [n for n in config.comma_list(default_vllm_plugins()) if n != PLUGIN_NAME]
             # an allow-list naming every other installed general plugin, not ours
@@ -263,7 +266,32 @@ class Bench:
         log(f"warm-up (untimed): {len(reqs)} requests at concurrency {c}")
         run_level(base, SERVED_NAME, "warmup", c, reqs, extra_of, lambda p, i: None)
 
+    def set_policy(self, base: str, document: str) -> None:
+        """Put a server policy in force (scenario 5d), or clear it (an empty document)."""
+        import urllib.request
+
+        req = urllib.request.Request(
+            base + "/v1/persona/policy",
+            data=document.encode(),
+            method="PUT",
+            headers={"Authorization": f"Bearer {BENCH_ADMIN_KEY}"},
+        )
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            resp.read()
+
     def measure_level(self, base: str, key: str, c: int) -> None:
+        from personavec_vllm.bench.scenarios import policy_document
+
+        if key != "policy_monitor3":
+            self._measure_level(base, key, c)
+            return
+        self.set_policy(base, policy_document(self.vectors))
+        try:
+            self._measure_level(base, key, c)
+        finally:
+            self.set_policy(base, "")
+
+    def _measure_level(self, base: str, key: str, c: int) -> None:
         from personavec_vllm.bench.client import run_level
         from personavec_vllm.bench.report import summarize
         from personavec_vllm.bench.scenarios import label, persona_fields

@@ -68,6 +68,22 @@ SCENARIOS: tuple[Scenario, ...] = (
         "plugin",
     ),
     Scenario(
+        "ops",
+        "5c",
+        "ablate / cap / conditional",
+        "every request one of: ablation of a vector, a cap of its projection, or an add term with a "
+        "condition on another vector's projection at the last prompt token (each its own vector and layer)",
+        "plugin",
+    ),
+    Scenario(
+        "policy_monitor3",
+        "5d",
+        "policy: monitor 3, all traffic",
+        "a server policy (PUT /v1/persona/policy) monitors 3 vectors on every request; the requests "
+        "themselves carry no persona fields",
+        "plugin",
+    ),
+    Scenario(
         "hf_same",
         "6a",
         "HF hook, one spec",
@@ -140,6 +156,24 @@ def monitor(vectors: BenchVectors, count: int) -> dict[str, Any]:
     return {"vectors": list(vectors.names[:count])}
 
 
+def ops(i: int, vectors: BenchVectors) -> list[dict[str, Any]]:
+    """Request `i`'s term for scenario 5c: the three data-dependent ops in turn."""
+    n, layers = len(vectors.names), vectors.num_layers
+    name, layer = vectors.names[i % n], 1 + (3 * i) % layers
+    kind = i % 3
+    if kind == 0:
+        return [{"vector": name, "op": "ablate", "layers": [layer], "positions": "all"}]
+    if kind == 1:
+        return [{"vector": name, "op": "cap", "max": 0.0, "layers": [layer]}]
+    gate = {"vector": vectors.names[(i + 1) % n], "layer": max(1, layer - 1), "above": 0.0}
+    return [{"vector": name, "coeff": 1.0, "layers": [layer], "when": gate}]
+
+
+def policy_document(vectors: BenchVectors) -> str:
+    """The policy scenario 5d puts in force: monitor 3 vectors on all traffic."""
+    return "monitor: {vectors: [" + ", ".join(vectors.names[:3]) + "]}\n"
+
+
 def persona_fields(key: str, i: int, vectors: BenchVectors | None) -> dict[str, Any]:
     """The persona fields request `i` of scenario `key` sends (empty for 1, 2 and HF)."""
     if vectors is None:
@@ -152,6 +186,8 @@ def persona_fields(key: str, i: int, vectors: BenchVectors | None) -> dict[str, 
         return {"persona_monitor": monitor(vectors, 1)}
     if key == "monitor3":
         return {"persona_monitor": monitor(vectors, 3)}
+    if key == "ops":
+        return {"persona_steer": ops(i, vectors)}
     return {}
 
 

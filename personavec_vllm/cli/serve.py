@@ -105,6 +105,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "its vectors shipped in the package",
     )
     p.add_argument(
+        "--policy",
+        default=None,
+        metavar="FILE",
+        help=f"server policy (YAML or JSON; sets ${config.POLICY}): monitoring of all traffic, steering "
+        "applied to every request, client steering allowed or not; reloaded on SIGHUP and by "
+        "PUT /v1/persona/policy",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="print the command and environment instead of starting the server",
@@ -117,6 +125,7 @@ def build_serve_command(
     vectors: str | None,
     vllm_args: Sequence[str],
     environ: dict[str, str] | None = None,
+    policy: str | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The argv and environment `personavec serve` execs. Resolves (and if needed
     converts) the default model; adds CPU-sane defaults only for options not given."""
@@ -168,6 +177,11 @@ def build_serve_command(
         if not library.is_dir():
             raise FileNotFoundError(f"--vectors: no such folder: {library}")
         env[config.VECTORS] = str(library.resolve())
+    if policy:
+        path = Path(policy).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"--policy: no such file: {path}")
+        env[config.POLICY] = str(path.resolve())
     return argv, env
 
 
@@ -179,7 +193,7 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     from personavec_vllm.models import ModelUnavailableError
 
     try:
-        argv, env = build_serve_command(args.model, args.vectors, extra)
+        argv, env = build_serve_command(args.model, args.vectors, extra, policy=args.policy)
     except FileNotFoundError as exc:
         print(f"personavec serve: {exc}", file=sys.stderr)
         return 2
@@ -193,7 +207,7 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
             file=sys.stderr,
         )
     if args.dry_run:
-        for key in (config.VECTORS, "VLLM_PLUGINS", "VLLM_CPU_KVCACHE_SPACE"):
+        for key in (config.VECTORS, config.POLICY, "VLLM_PLUGINS", "VLLM_CPU_KVCACHE_SPACE"):
             if key in env:
                 print(f"{key}={shlex.quote(env[key])}")
         print(shlex.join(argv))

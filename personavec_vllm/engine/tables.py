@@ -13,8 +13,15 @@ torch.compile and CUDA graphs see one fixed graph (the LoRA `token_lora_indices`
   zeros: padding, dummy runs and plain requests read it. Each steered request owns three rows,
   one per token phase (prompt before the last token / last prompt token / generated token),
   so `positions` = all | prompt | response is just which phases get the coefficient.
+- `lo[L, r, c]`, `hi[L, r, c]` the range `cap` / `ablate` terms clamp the projection on column
+  `c` to (`-inf` / `+inf`: no clamp; ablation is `[0, 0]`).
+- `gate_local[L, r, c]` which of the slot's gates a term there depends on (0: none). Gates are
+  per slot (`gate_col`, `gate_layer`, `gate_thr`, `gate_sign`); `slot_gate[s, g]` is 1 once gate `g`
+  opened (column 0 is always 1), decided by the op on the device at the gate's layer, at the token
+  `last_tok[s]` (the slot's last prompt token when it is in the batch, else -1).
 - `token_row[t]` the row of batch token `t`.
-- `proj[L, t, c]` projection of token `t`'s residual stream on column `c` after layer `L`.
+- `proj[L, t, c]` projection of token `t`'s residual stream on column `c` after layer `L`, after
+  our terms at that layer; `proj_before[L, t, c]` the same before them.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import numpy as np
 import torch
 
 from personavec_vllm.library import VectorLibrary
-from personavec_vllm.spec import PersonaSpec
+from personavec_vllm.spec import Gate, PersonaSpec
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +47,7 @@ PHASES = {
     "response": (LAST_PROMPT, GENERATED),
 }
 ROWS_PER_SLOT = 3
+GATES_PER_SLOT = 4  # distinct conditions (`when`) one request may use
 
 
 class TableFull(RuntimeError):
@@ -71,9 +79,13 @@ class ActiveRequest:
 
     spec: PersonaSpec
     slot: int | None  # owns rows 1 + 3*slot + phase; None when it only monitors
-    steer_layers: frozenset[int]
+    steer_layers: frozenset[int]  # layers with add terms
     monitor: list[tuple[str, int, int]] = field(default_factory=list)  # (vector, layer, column)
     columns: tuple[int, ...] = ()  # the columns it holds
+    cap_layers: frozenset[int] = frozenset()  # layers with cap / ablate terms
+    gated_layers: frozenset[int] = frozenset()  # layers with terms that depend on a gate
+    gates: tuple[Gate, ...] = ()  # the request's conditions, gate g + 1 of its slot
+    gates_reported: bool = False
 
 
 class SteeringTables:
@@ -100,12 +112,29 @@ class SteeringTables:
         self.lib = torch.zeros(n_layers, max_columns, hidden, dtype=f32, device=dev)
         self.unit = torch.zeros(n_layers, max_columns, hidden, dtype=f32, device=dev)
         self.coef = torch.zeros(n_layers, 1 + ROWS_PER_SLOT * max_slots, max_columns, dtype=f32, device=dev)
+        rows = 1 + ROWS_PER_SLOT * max_slots
+        self.lo = torch.full((n_layers, rows, max_columns), -torch.inf, dtype=f32, device=dev)
+        self.hi = torch.full((n_layers, rows, max_columns), torch.inf, dtype=f32, device=dev)
+        self.gate_local = torch.zeros(n_layers, rows, max_columns, dtype=torch.int8, device=dev)
+        self.slot_gate = torch.zeros(max_slots, GATES_PER_SLOT + 1, dtype=f32, device=dev)
+        self.slot_gate[:, 0] = 1.0
+        self.gate_col = torch.zeros(max_slots, GATES_PER_SLOT, dtype=torch.int64, device=dev)
+        self.gate_layer = torch.zeros(max_slots, GATES_PER_SLOT, dtype=torch.int64, device=dev)  # 0: unused
+        self.gate_thr = torch.zeros(max_slots, GATES_PER_SLOT, dtype=f32, device=dev)
+        self.gate_sign = torch.ones(max_slots, GATES_PER_SLOT, dtype=f32, device=dev)
+        self.last_tok = torch.full((max_slots,), -1, dtype=torch.int64, device=dev)
+        self._last_tok_host = np.full(max_slots, -1, dtype=np.int64)
+        self._last_tok_set = False
         self.token_row = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
         self.proj = torch.zeros(n_layers, max_tokens, max_columns, dtype=f32, device=dev)
+        self.proj_before = torch.zeros(n_layers, max_tokens, max_columns, dtype=f32, device=dev)
         self._token_row_host = np.zeros(max_tokens, dtype=np.int64)
         self._rows_high = 0  # token_row[_rows_high:] is known to be zero
         # Host-side switches read by the op outside CUDA-graph capture: skip idle layers.
-        self.steer_active = [False] * n_layers
+        self.steer_active = [False] * n_layers  # add terms
+        self.cap_active = [False] * n_layers  # cap / ablate terms
+        self.gated_active = [False] * n_layers  # terms that depend on a gate
+        self.gate_eval = [False] * n_layers  # gates decided at this layer in this step
         self.capture_active = [False] * n_layers
         self.columns: dict[tuple[str, str], int] = {}  # (vector, version) -> column
         self._column_key: dict[int, tuple[str, str]] = {}
@@ -174,9 +203,13 @@ class SteeringTables:
             return None
         versions = dict(spec.versions)
         held: list[int] = []
+        gates = tuple(dict.fromkeys(t.when for t in spec.steer if t.when is not None))
+        if len(gates) > GATES_PER_SLOT:
+            raise ValueError(f"{len(gates)} distinct conditions (when); at most {GATES_PER_SLOT} per request")
+        names = [t.vector for t in spec.steer] + [g.vector for g in gates] + [t.vector for t in spec.monitor]
         try:
             cols = {}
-            for name in dict.fromkeys([t.vector for t in spec.steer] + [t.vector for t in spec.monitor]):
+            for name in dict.fromkeys(names):
                 if name not in versions:
                     raise VectorUnavailable(f"the request names vector {name!r} without its version")
                 cols[name] = col = self.column(name, versions[name])
@@ -188,15 +221,45 @@ class SteeringTables:
                 self._unhold(col)
             raise
         steer_layers: set[int] = set()
+        cap_layers: set[int] = set()
+        gated_layers: set[int] = set()
         if slot is not None:
             base = 1 + ROWS_PER_SLOT * slot
+            for g, gate in enumerate(gates):
+                self.gate_col[slot, g] = cols[gate.vector]
+                self.gate_layer[slot, g] = gate.layer
+                self.gate_thr[slot, g] = gate.threshold
+                self.gate_sign[slot, g] = 1.0 if gate.above else -1.0
             for term in spec.steer:
+                col = cols[term.vector]
+                local = 0 if term.when is None else gates.index(term.when) + 1
+                phases = PHASES[term.positions]
+                if local:  # a decision is made at the last prompt token: never before it
+                    phases = tuple(p for p in phases if p != PROMPT)
+                    gated_layers.update(term.layers)
                 for layer in term.layers:
-                    for phase in PHASES[term.positions]:
-                        self.coef[layer, base + phase, cols[term.vector]] += term.coeff
-                steer_layers.update(term.layers)
+                    for phase in phases:
+                        row = base + phase
+                        self.gate_local[layer, row, col] = local
+                        if term.op == "add":
+                            self.coef[layer, row, col] += term.coeff
+                        else:
+                            if term.low is not None:
+                                self.lo[layer, row, col] = term.low
+                            if term.high is not None:
+                                self.hi[layer, row, col] = term.high
+                (steer_layers if term.op == "add" else cap_layers).update(term.layers)
         monitor = [(t.vector, layer, cols[t.vector]) for t in spec.monitor for layer in t.layers]
-        state = ActiveRequest(spec, slot, frozenset(steer_layers), monitor, tuple(held))
+        state = ActiveRequest(
+            spec,
+            slot,
+            frozenset(steer_layers),
+            monitor,
+            tuple(held),
+            frozenset(cap_layers),
+            frozenset(gated_layers),
+            gates,
+        )
         self.requests[req_id] = state
         return state
 
@@ -223,7 +286,13 @@ class SteeringTables:
 
     def _clear_slot(self, slot: int) -> None:
         base = 1 + ROWS_PER_SLOT * slot
-        self.coef[:, base : base + ROWS_PER_SLOT].zero_()
+        rows = slice(base, base + ROWS_PER_SLOT)
+        self.coef[:, rows].zero_()
+        self.lo[:, rows] = -torch.inf
+        self.hi[:, rows] = torch.inf
+        self.gate_local[:, rows].zero_()
+        self.slot_gate[slot, 1:] = 0.0
+        self.gate_layer[slot].zero_()
         del self._slot_owner[slot]
         self._free_slots.append(slot)
 
@@ -245,7 +314,33 @@ class SteeringTables:
             self.token_row[num_tokens : self._rows_high].zero_()
         self._rows_high = num_tokens
 
-    def set_active_layers(self, steer: set[int], capture: set[int]) -> None:
+    def set_gate_tokens(self, tokens: list[tuple[int, int]]) -> None:
+        """`(slot, batch index of its last prompt token)` of the gated requests that decide their
+        gates in this step; every other slot reads -1 (no decision)."""
+        if not tokens and not self._last_tok_set:
+            return
+        self._last_tok_host[:] = -1
+        for slot, token in tokens:
+            self._last_tok_host[slot] = token
+        self.last_tok.copy_(torch.from_numpy(self._last_tok_host), non_blocking=True)
+        self._last_tok_set = bool(tokens)
+
+    def gate_values(self, slot: int, count: int) -> list[bool]:
+        """Whether each of the slot's first `count` gates opened (a device-to-host copy)."""
+        return [bool(v) for v in self.slot_gate[slot, 1 : 1 + count].tolist()]
+
+    def set_active_layers(
+        self,
+        steer: set[int],
+        capture: set[int],
+        cap: set[int] | None = None,
+        gated: set[int] | None = None,
+        gate_eval: set[int] | None = None,
+    ) -> None:
+        cap, gated, gate_eval = cap or set(), gated or set(), gate_eval or set()
         for layer in range(self.num_layers + 1):
             self.steer_active[layer] = layer in steer
             self.capture_active[layer] = layer in capture
+            self.cap_active[layer] = layer in cap
+            self.gated_active[layer] = layer in gated
+            self.gate_eval[layer] = layer in gate_eval

@@ -41,17 +41,22 @@ class Message:
     - `failed`: `(request_key, engine request id, reason)` of persona requests the worker could
       not serve: they run unsteered until the front end aborts them, and must be answered with
       an error;
+    - `gates`: `(request_key, [opened?])`: the decision of each of a request's conditions;
     - `done`: keys of persona requests that left the engine (finished or aborted): nothing more
       will come for them.
+
+    A projection series keyed `(vector, -layer)` holds the values before the request's own terms
+    at `layer` (sent only where the request steers at that layer).
     """
 
     values: list[tuple[str, int, dict[tuple[str, int], list[float]]]] = field(default_factory=list)
     done: list[str] = field(default_factory=list)
     admitted: list[str] = field(default_factory=list)
     failed: list[tuple[str, str, str]] = field(default_factory=list)
+    gates: list[tuple[str, list[bool]]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.values or self.done or self.admitted or self.failed)
+        return bool(self.values or self.done or self.admitted or self.failed or self.gates)
 
 
 class PersonaRequestFailed(RuntimeError):
@@ -110,6 +115,9 @@ class ResultRouter:
         for failure in message.failed:
             if (out := part(failure[0])) is not None:
                 out.failed.append(failure)
+        for decision in message.gates:
+            if (out := part(decision[0])) is not None:
+                out.gates.append(decision)
         for key in message.done:  # nothing more comes for these requests
             if (out := part(key)) is not None:
                 out.done.append(key)
@@ -129,6 +137,7 @@ class _Pending:
     values: dict[tuple[str, int], dict[int, float]] = field(default_factory=dict)
     held: bool = False  # someone will `discard` it; otherwise it goes when the request is done
     admitted: bool = False
+    gates: list[bool] | None = None  # the decision of each of the request's conditions
     failure: str | None = None
     done: bool = False
     touched: float = field(default_factory=time.monotonic)
@@ -212,6 +221,9 @@ class ProjectionSink:
         for key in message.admitted:
             pending = touched[key] = self._pending.setdefault(key, _Pending())
             pending.admitted = True
+        for key, opened in message.gates:
+            pending = touched[key] = self._pending.setdefault(key, _Pending())
+            pending.gates = list(opened)
         failed = []
         for key, engine_id, reason in message.failed:
             pending = touched[key] = self._pending.setdefault(key, _Pending())
@@ -260,6 +272,16 @@ class ProjectionSink:
         pending = await self._until(key, lambda p: p.reported, timeout, alive)
         if pending is not None and pending.failure is not None:
             raise PersonaRequestFailed(pending.failure)
+
+    async def gate_decisions(
+        self, key: str, timeout: float = 30.0, alive: Callable[[], bool] | None = None
+    ) -> list[bool] | None:
+        """Whether each of the request's conditions opened (None: it has none, or it failed).
+        Waits until the worker decided them (or the request is gone)."""
+        pending = await self._until(
+            key, lambda p: p.gates is not None or p.failure is not None or p.done, timeout, alive
+        )
+        return None if pending is None else pending.gates
 
     async def acollect(
         self,
@@ -341,7 +363,9 @@ class ProjectionSink:
                 raise RuntimeError(
                     f"personavec: projections of {vector}@{layer} have gaps ({len(values)} of {count} positions)"
                 )
-            out.setdefault(vector, {})[layer] = summarize(values)
+            prior = pending.values.get((vector, -layer))
+            before = [prior[i] for i in range(count) if i in prior] if prior else None
+            out.setdefault(vector, {})[layer] = summarize(values, before if before and len(before) == count else None)
         return out
 
     @staticmethod

@@ -56,12 +56,19 @@ def _request_key(extra: dict, req_id: str) -> str:
 class StepPlan:
     """What the current step's forward must do for persona requests, and what to report."""
 
-    __slots__ = ("monitors", "num_tokens", "report")
+    __slots__ = ("deciding", "monitors", "num_tokens", "report")
 
-    def __init__(self, num_tokens: int, monitors: list[tuple[ActiveRequest, TokenSpan]], report: Message):
+    def __init__(
+        self,
+        num_tokens: int,
+        monitors: list[tuple[ActiveRequest, TokenSpan]],
+        report: Message,
+        deciding: list[ActiveRequest],
+    ):
         self.num_tokens = num_tokens
         self.monitors = monitors  # monitored requests whose span reaches their last prompt token
         self.report = report  # admissions and failures of this step
+        self.deciding = deciding  # gated requests whose gates are decided in this forward
 
 
 def _build_tables(runner) -> SteeringTables | None:
@@ -132,7 +139,12 @@ def plan_step(runner, num_scheduled_tokens) -> StepPlan | None:
     spans: list[tuple[TokenSpan, int]] = []
     monitors: list[tuple[ActiveRequest, TokenSpan]] = []
     steer_layers: set[int] = set()
+    cap_layers: set[int] = set()
+    gated_layers: set[int] = set()
+    gate_layers: set[int] = set()
     capture_layers: set[int] = set()
+    gate_tokens: list[tuple[int, int]] = []
+    deciding: list[ActiveRequest] = []
     report = Message()
     batch_ids = None
     start = 0
@@ -148,27 +160,45 @@ def plan_step(runner, num_scheduled_tokens) -> StepPlan | None:
             if state.slot is not None:
                 spans.append((span, state.slot))
                 steer_layers |= state.steer_layers
+                cap_layers |= state.cap_layers
+                gated_layers |= state.gated_layers
+                if state.gates and span.reaches_last_prompt_token and span.first < span.num_prompt:
+                    gate_tokens.append((state.slot, span.start + span.num_prompt - 1 - span.first))
+                    gate_layers.update(g.layer for g in state.gates)
+                    deciding.append(state)
             if state.monitor and span.reaches_last_prompt_token:
                 monitors.append((state, span))
                 capture_layers.update(layer for _, layer, _ in state.monitor)
         start += count
     tables.set_token_rows(spans, start)
-    tables.set_active_layers(steer_layers, capture_layers)
-    return StepPlan(start, monitors, report) if monitors or report else None
+    tables.set_gate_tokens(gate_tokens)
+    tables.set_active_layers(steer_layers, capture_layers, cap_layers, gated_layers, gate_layers)
+    return StepPlan(start, monitors, report, deciding) if monitors or report or deciding else None
 
 
 def read_projections(tables: SteeringTables, plan: StepPlan) -> Message:
     """The step's report: its admissions and failures, and the projections of monitored requests."""
     message = plan.report
+    for state in plan.deciding:  # a small device-to-host copy, once per gated request
+        assert state.slot is not None
+        message.gates.append((state.spec.request_key, tables.gate_values(state.slot, len(state.gates))))
     if not plan.monitors:
         return message
     layers = sorted({layer for state, _ in plan.monitors for _, layer, _ in state.monitor})
     index = {layer: i for i, layer in enumerate(layers)}
     proj = tables.proj[layers, : plan.num_tokens].cpu().numpy()  # one device->host copy
+    before = None
+    if any(state.steer_layers or state.cap_layers for state, _ in plan.monitors):
+        before = tables.proj_before[layers, : plan.num_tokens].cpu().numpy()
     for state, span in plan.monitors:
         lo = max(span.first, span.num_prompt - 1)  # first response position in this span
         tokens = slice(span.start + lo - span.first, span.start + span.count)
-        series = {(vector, layer): proj[index[layer], tokens, col].tolist() for vector, layer, col in state.monitor}
+        steered = state.steer_layers | state.cap_layers
+        series: dict[tuple[str, int], list[float]] = {}
+        for vector, layer, col in state.monitor:
+            series[(vector, layer)] = proj[index[layer], tokens, col].tolist()
+            if before is not None and layer in steered:  # also what the model had before our terms
+                series[(vector, -layer)] = before[index[layer], tokens, col].tolist()
         message.values.append((state.spec.request_key, lo - (span.num_prompt - 1), series))
     return message
 

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from personavec_vllm.config import TICKET_KEY
-from personavec_vllm.server.api import PersonaRequest, take_persona_fields
+from personavec_vllm.server.api import PersonaRequest, PolicyBroken, take_persona_fields
 from personavec_vllm.server.guard import read_json
 from personavec_vllm.server.state import PersonaServer, error_response, server_state
 from personavec_vllm.spec import PersonaSpecError
@@ -45,11 +45,17 @@ def completion_route(original: Endpoint, request_model: type[BaseModel]) -> Call
         body = await read_json(raw_request, server)
         if isinstance(body, JSONResponse):
             return body
+        policy = server.policy.current
         try:
-            persona = take_persona_fields(body, server.library, server.limits)
+            persona = take_persona_fields(
+                body, server.library, server.limits, policy, raw_request.headers.get("x-request-id")
+            )
         except PersonaSpecError as exc:
             server.metrics.reject(exc.reason)
             return error_response(400, str(exc), exc.field)
+        except PolicyBroken as exc:
+            logger.error("personavec: %s", exc)
+            return error_response(500, str(exc), type_="InternalServerError")
         try:
             request = request_model.model_validate(body)
         except ValidationError as exc:
@@ -68,9 +74,11 @@ def completion_route(original: Endpoint, request_model: type[BaseModel]) -> Call
         except BaseException:
             server.close(admission)
             raise
+        disclosed = _policy_headers(persona, policy.version)
         if isinstance(response, StreamingResponse):
             server.metrics.observe_request(persona.spec)
             headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+            headers.update(disclosed)
             return StreamingResponse(
                 _stream_with_persona(response.body_iterator, persona, admission, server),
                 status_code=response.status_code,
@@ -85,13 +93,27 @@ def completion_route(original: Endpoint, request_model: type[BaseModel]) -> Call
                 return error_response(500, failure, type_="InternalServerError")
             server.metrics.observe_request(persona.spec)
             content = json.loads(bytes(response.body))
-            content["persona"] = await server.persona_json(persona)
+            persona_object = await server.persona_json(persona)
+            if persona.answer:  # only clients that asked get the object (the policy's terms are in it)
+                content["persona"] = persona_object
             headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+            headers.update(disclosed)
             return JSONResponse(content, headers=headers)
         finally:
             server.close(admission)
 
     return endpoint
+
+
+def _policy_headers(persona: PersonaRequest, version: int) -> dict[str, str]:
+    """Steering by the server's policy is disclosed on every response it applies to."""
+    if not persona.policy_terms:
+        return {}
+    terms = [t.to_dict() for t in persona.spec.steer[: persona.policy_terms]]
+    return {
+        "X-Persona-Policy-Version": str(version),
+        "X-Persona-Policy-Steer": json.dumps(terms, separators=(",", ":")),
+    }
 
 
 def _sse(payload: dict[str, Any]) -> str:
@@ -113,9 +135,11 @@ async def _stream_with_persona(
         async for chunk in chunks:
             text = chunk if isinstance(chunk, str) else bytes(chunk).decode()
             if text.strip() == "data: [DONE]":
-                payload: dict[str, Any] = {k: last[k] for k in ("id", "object", "created", "model") if k in last}
-                payload.update(choices=[], persona=await server.persona_json(persona))
-                yield _sse(payload)
+                persona_object = await server.persona_json(persona)  # measured even if nobody asked
+                if persona.answer:
+                    payload: dict[str, Any] = {k: last[k] for k in ("id", "object", "created", "model") if k in last}
+                    payload.update(choices=[], persona=persona_object)
+                    yield _sse(payload)
             elif text.startswith("data: {"):
                 with contextlib.suppress(ValueError):
                     last = json.loads(text[len("data: ") :])

@@ -18,7 +18,7 @@ from personavec_vllm.vectors import VectorFileError, is_valid_name
 logger = logging.getLogger(__name__)
 
 
-def _admin_error(raw_request: Request, server: PersonaServer) -> JSONResponse | None:
+def admin_error(raw_request: Request, server: PersonaServer) -> JSONResponse | None:
     """403 when the admin API is off; 401 unless `Authorization: Bearer <the admin key>`."""
     if server.admin_key is None:
         return error_response(
@@ -35,7 +35,7 @@ def _admin_error(raw_request: Request, server: PersonaServer) -> JSONResponse | 
     return None
 
 
-async def _read_upload(raw_request: Request, limit: int) -> bytes | JSONResponse:
+async def read_upload(raw_request: Request, limit: int) -> bytes | JSONResponse:
     """The body, at most `limit` bytes: refused from its Content-Length before reading, or as
     soon as a chunked body passes the limit."""
     too_large = error_response(
@@ -72,7 +72,7 @@ async def list_vectors(raw_request: Request) -> JSONResponse:
 async def add_vector(raw_request: Request, name: str) -> Response:
     """Upload a vector file (the request body is the `.safetensors` file)."""
     server = server_state(raw_request)
-    if (denied := _admin_error(raw_request, server)) is not None:
+    if (denied := admin_error(raw_request, server)) is not None:
         return denied
     if not is_valid_name(name):
         return error_response(
@@ -83,7 +83,7 @@ async def add_vector(raw_request: Request, name: str) -> Response:
         return error_response(409, "the server has no vector directory (--vectors) to add to", "name")
     if library.get(name) is not None:
         return error_response(409, f"vector {name!r} exists; DELETE it first", "name")
-    data = await _read_upload(raw_request, server.max_upload)
+    data = await read_upload(raw_request, server.max_upload)
     if isinstance(data, JSONResponse):
         return data
     try:
@@ -97,8 +97,15 @@ async def add_vector(raw_request: Request, name: str) -> Response:
 
 async def delete_vector(raw_request: Request, name: str) -> Response:
     server = server_state(raw_request)
-    if (denied := _admin_error(raw_request, server)) is not None:
+    if (denied := admin_error(raw_request, server)) is not None:
         return denied
+    if name in server.policy.current.vectors():
+        return error_response(
+            409,
+            f"the server policy (version {server.policy.current.version}) uses vector {name!r}; change it first",
+            "name",
+            type_="ConflictError",
+        )
     if not server.library.remove(name):
         return error_response(404, f"no vector named {name[:64]!r}", "name", type_="NotFoundError")
     return JSONResponse({"deleted": name})

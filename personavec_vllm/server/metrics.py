@@ -43,7 +43,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import HistogramMetricFamily
 
 from personavec_vllm.engine.transport import LayerProjection
@@ -131,6 +131,27 @@ class PersonaMetrics:
             ["model"],
             registry=registry,
         )
+        self.gates = Counter(
+            "personavec_gate_decisions",
+            "Conditions (when) of steering terms decided at the last prompt token, by whether they opened",
+            ["vector", "model", "opened"],
+            registry=registry,
+        )
+        self.policy_version = Gauge(
+            "personavec_policy_version",
+            "Version of the server policy in force (0: none); it counts accepted changes since start",
+            ["model"],
+            registry=registry,
+            multiprocess_mode="max",
+        )
+        self.policy_changes = Counter(
+            "personavec_policy_changes",
+            "Attempts to change the server policy, by result (accepted, rejected)",
+            ["model", "result"],
+            registry=registry,
+        )
+        for result in ("accepted", "rejected"):
+            self.policy_changes.labels(model=model, result=result)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason=reason, model=model)  # export zeros, so rate() works from the start
         self.failed.labels(model=model)
@@ -160,6 +181,14 @@ class PersonaMetrics:
         with self._lock:
             self._series.setdefault(vector, set()).add((kind, values))
         return values
+
+    def observe_gates(self, spec: PersonaSpec, opened: list[bool] | None) -> None:
+        conditions = list(dict.fromkeys(t.when for t in spec.steer if t.when is not None))
+        if opened is None or len(opened) != len(conditions):
+            return
+        for gate, value in zip(conditions, opened):
+            values = self._labels(gate.vector, "gate", gate.vector, self.model, "true" if value else "false")
+            self.gates.labels(*values).inc()
 
     def observe_request(self, spec: PersonaSpec) -> None:
         for name in dict.fromkeys(t.vector for t in spec.steer):
@@ -199,6 +228,7 @@ class PersonaMetrics:
             series = self._series.pop(name, set())
         for kind, values in series:
             counters = {
+                "gate": (self.gates,),
                 "steered": (self.steered,),
                 "monitored": (self.monitored,),
                 "sum": (self.sum_pos, self.sum_neg),
@@ -206,6 +236,15 @@ class PersonaMetrics:
             for counter in counters:
                 with contextlib.suppress(KeyError):
                     counter.remove(*values)
+
+    def policy_changed(self, version: int) -> None:
+        """A policy was accepted (`version` 0: the server runs without one)."""
+        if version:
+            self.policy_changes.labels(model=self.model, result="accepted").inc()
+        self.policy_version.labels(model=self.model).set(version)
+
+    def policy_rejected(self) -> None:
+        self.policy_changes.labels(model=self.model, result="rejected").inc()
 
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason=reason, model=self.model).inc()

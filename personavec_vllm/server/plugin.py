@@ -5,7 +5,10 @@ OpenAI routes (`completions`), the vector library routes (`library_routes`), the
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
 from typing import Any
 
 from fastapi import FastAPI
@@ -16,6 +19,7 @@ from personavec_vllm.server.api import PersonaFieldsIn
 from personavec_vllm.server.completions import completion_route
 from personavec_vllm.server.guard import PersonaFieldGuard
 from personavec_vllm.server.library_routes import add_vector, delete_vector, list_vectors
+from personavec_vllm.server.policy_routes import get_policy, put_policy, reload_on_signal
 from personavec_vllm.server.state import PersonaServer
 
 logger = logging.getLogger(__name__)
@@ -41,6 +45,16 @@ def _request_schemas() -> dict[str, tuple[type[BaseModel], type[BaseModel]]]:
 def _json_body(ref: str) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": ref}}}}}
 
+
+POLICY_DOC: dict[str, Any] = {
+    "requestBody": {"required": True, "content": {"application/yaml": {"schema": {"type": "string"}}}},
+    "responses": {
+        "200": {"description": "in force"},
+        "400": {"description": "invalid; the old policy stays"},
+        "401": {"description": "admin key missing or wrong"},
+        "403": {"description": "admin API disabled"},
+    },
+}
 
 VECTOR_UPLOAD_DOC: dict[str, Any] = {
     "requestBody": {
@@ -111,6 +125,8 @@ class PersonaEndpoints:
             "/v1/persona/vectors/{name}", add_vector, methods=["POST"], status_code=201, openapi_extra=VECTOR_UPLOAD_DOC
         )
         app.add_api_route("/v1/persona/vectors/{name}", delete_vector, methods=["DELETE"])
+        app.add_api_route("/v1/persona/policy", get_policy, methods=["GET"])
+        app.add_api_route("/v1/persona/policy", put_policy, methods=["PUT"], openapi_extra=POLICY_DOC)
         app.add_middleware(PersonaFieldGuard)
         _install_openapi(app, [documented for _, documented in models.values()])
 
@@ -122,6 +138,9 @@ class PersonaEndpoints:
         frontend.SERVING_HTTP = True  # raw extra_args specs now come from clients: refused
         library = engine_client.input_processor.personavec_library
         names = getattr(args, "served_model_name", None) or [args.model]
-        state.personavec = PersonaServer(
+        state.personavec = server = PersonaServer(
             library, names[0] if isinstance(names, list) else names, frontend.projection_sink(), engine_client
         )
+        if server.policy.path:  # SIGHUP re-reads the policy file (in this API server process)
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_on_signal, server)

@@ -15,6 +15,7 @@ from personavec_vllm.engine.transport import EngineGone, PersonaRequestFailed
 from personavec_vllm.library import LibraryChange, VectorLibrary
 from personavec_vllm.server.api import PersonaRequest
 from personavec_vllm.server.metrics import PersonaMetrics
+from personavec_vllm.server.policy import PolicyHolder
 from personavec_vllm.spec import Limits
 
 if TYPE_CHECKING:
@@ -49,6 +50,8 @@ class PersonaServer:
         self.max_upload = config.get_int(config.MAX_UPLOAD_BYTES)
         self.max_json_depth = config.get_int(config.MAX_JSON_DEPTH)
         self.loop = asyncio.get_running_loop()
+        self.policy = PolicyHolder(library, config.get(config.POLICY))
+        self.metrics.policy_changed(self.policy.current.version)
         library.listeners.append(self._library_changed)
         sink.on_failure = self._worker_failed
 
@@ -85,6 +88,15 @@ class PersonaServer:
         in `error` (the generated text itself is fine)."""
         projections = None
         error = None
+        gates = None
+        if persona.conditional:
+            try:
+                gates = await self.sink.gate_decisions(
+                    persona.spec.request_key, timeout=COLLECT_TIMEOUT_S, alive=self.alive
+                )
+                self.metrics.observe_gates(persona.spec, gates)
+            except Exception as exc:
+                error = str(exc)
         if persona.monitors:
             try:
                 projections = await self.sink.acollect(
@@ -94,7 +106,7 @@ class PersonaServer:
             except Exception as exc:
                 logger.error("personavec: projections of %s: %s", persona.spec.request_key, exc)
                 error = str(exc)
-        out = persona.response_object(projections).to_json()
+        out = persona.response_object(projections, gates).to_json()
         if error is not None:
             out["error"] = error
         return out

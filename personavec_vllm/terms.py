@@ -310,25 +310,30 @@ def parse_steer(
 
 
 def check_gates(terms: list[SteerTerm], field: str) -> None:
-    """Terms on the same vector and layer must share their condition: the tables hold one gate
-    per (layer, vector) of a request."""
-    seen: dict[tuple[str, int, str], Gate | None] = {}
+    """Terms on the same vector and layer must share their condition (the tables hold one gate per
+    vector, layer and token of a request), and their caps must overlap (caps on one vector and
+    layer apply together: the projection is kept in the intersection of their ranges)."""
+    gates: dict[tuple[str, int], Gate | None] = {}
+    ranges: dict[tuple[str, int], tuple[float, float]] = {}
     for term in terms:
         for layer in term.layers:
-            kind = "add" if term.op == "add" else "cap"
-            key = (term.vector, layer, kind)
-            if key in seen and seen[key] != term.when:
+            key = (term.vector, layer)
+            if key in gates and gates[key] != term.when:
                 raise PersonaSpecError(
-                    field,
-                    "bad_op",
-                    f"two {kind} terms on {term.vector!r} at layer {layer} have different conditions (when)",
+                    field, "bad_op", f"two terms on {term.vector!r} at layer {layer} have different conditions (when)"
                 )
-            seen[key] = term.when
-            if (
-                kind == "cap"
-                and sum(1 for t in terms if t.op != "add" and t.vector == term.vector and layer in t.layers) > 1
-            ):
-                raise PersonaSpecError(field, "bad_op", f"two cap/ablate terms on {term.vector!r} at layer {layer}")
+            gates[key] = term.when
+            if term.op != "add":
+                lo, hi = ranges.get(key, (-math.inf, math.inf))
+                lo = max(lo, -math.inf if term.low is None else term.low)
+                hi = min(hi, math.inf if term.high is None else term.high)
+                if lo > hi:
+                    raise PersonaSpecError(
+                        field,
+                        "bad_threshold",
+                        f"the caps on {term.vector!r} at layer {layer} leave no value ({lo:g} > {hi:g})",
+                    )
+                ranges[key] = (lo, hi)
 
 
 def parse_monitor(

@@ -243,11 +243,11 @@ class SteeringTables:
                         self.gate_local[layer, row, col] = local
                         if term.op == "add":
                             self.coef[layer, row, col] += term.coeff
-                        else:
+                        else:  # several caps on one vector and layer: their intersection
                             if term.low is not None:
-                                self.lo[layer, row, col] = term.low
+                                self.lo[layer, row, col] = max(float(self.lo[layer, row, col]), term.low)
                             if term.high is not None:
-                                self.hi[layer, row, col] = term.high
+                                self.hi[layer, row, col] = min(float(self.hi[layer, row, col]), term.high)
                 (steer_layers if term.op == "add" else cap_layers).update(term.layers)
         monitor = [(t.vector, layer, cols[t.vector]) for t in spec.monitor for layer in t.layers]
         state = ActiveRequest(

@@ -20,9 +20,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
 from test_deploy import DASHBOARD_FILE, ensure_promtool, stats_library
@@ -50,7 +52,10 @@ def setup(tmp_path_factory):
 
 @contextlib.contextmanager
 def prometheus(root, target: str, rules: str):
+    """A fresh Prometheus (its own config, log and storage under a new folder: no series of an
+    earlier test's Prometheus may leak into this one's queries)."""
     port = free_port()
+    root = Path(tempfile.mkdtemp(prefix="prometheus-", dir=root))
     config = root / "prometheus.yml"
     config.write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
@@ -212,7 +217,8 @@ def test_drift_alert_on_a_live_server(setup):
             if "firing" in states and time.monotonic() - start > 18:  # window filled with high replies
                 break
         assert sum(high) / len(high) > 0, high
-        assert "firing" in states, (states, query(prom, a_mean), (root / "prometheus.log").read_text()[-2000:])
+        logs = sorted(root.glob("prometheus-*/prometheus.log"), key=lambda p: p.stat().st_mtime)
+        assert "firing" in states, (states, query(prom, a_mean), logs[-1].read_text()[-2000:])
         (sample,) = query(prom, a_mean)
         recorded = float(sample["value"][1])
         assert recorded > 0 and min(high) - 1e-6 <= recorded <= max(high) + 1e-6, (recorded, high[-20:])

@@ -155,52 +155,77 @@ def test_closed_loop_times():
     assert [t[0] for t in rep.closed_loop_times(batches, 2)] == [0.0, 0.0, 1.0, 2.0]
 
 
-def _stats(key, c, tok_s):
-    return rep.LevelStats(key, c, 8, int(tok_s * 10), 10.0, tok_s, 1.0, 2.0, 0.1, 0.2, 0)
+def _stats(key, c, tok_s, pass_index=0):
+    return rep.LevelStats(key, c, 8, int(tok_s * 10), 10.0, tok_s, 1.0, 2.0, 0.1, 0.2, 0, pass_index=pass_index)
+
+
+FACTOR = {
+    "plain": 1.0,
+    "unsteered": 0.995,
+    "steer_same": 0.985,
+    "steer_distinct": 0.96,
+    "monitor1": 0.975,
+    "monitor3": 0.9,
+    "ops": 0.985,
+    "policy_monitor3": 0.975,
+    "hf_same": 0.5,
+    "hf_distinct": 0.1,
+}
 
 
 def _all_stats(levels=(1, 8, 32)):
-    # the two baseline runs average to 1.0
-    factor = {
-        "plain": 0.95,
-        "plain_after": 1.05,
-        "unsteered": 0.995,
-        "steer_same": 0.98,
-        "steer_distinct": 0.96,
-        "monitor1": 0.97,
-        "monitor3": 0.9,
-        "ops": 0.985,
-        "policy_monitor3": 0.95,
-        "hf_same": 0.5,
-        "hf_distinct": 0.1,
-    }
-    return [_stats(s.key, c, 100.0 * c * factor[s.key]) for s in SCENARIOS for c in levels]
+    return [_stats(s.key, c, 100.0 * c * FACTOR[s.key]) for s in SCENARIOS for c in levels]
 
 
 def test_ratios_speedup_and_targets():
     stats = _all_stats()
     r = rep.ratios(stats)
-    assert r[("plain", 8)] == pytest.approx(0.95) and r[("plain_after", 8)] == pytest.approx(1.05)
+    assert r[("plain", 8)] == 1.0
     assert rep.baseline_rates(stats)[8] == pytest.approx(800.0)
     assert r[("steer_distinct", 32)] == pytest.approx(0.96)
     assert rep.speedup(stats, "steer_distinct", "hf_distinct")[32] == pytest.approx(9.6)
     rows = {(row["target"], row["scenario"]): row for row in rep.evaluate_targets(stats)}
     assert rows[("2 >= 0.99 x plain vLLM", "unsteered")]["met"]
-    assert rows[("3, 4 >= 0.97 x plain vLLM", "steer_same")]["met"]
-    assert not rows[("3, 4 >= 0.97 x plain vLLM", "steer_distinct")]["met"]
-    assert not rows[("5 >= 0.95 x plain vLLM", "monitor3")]["met"]
-    ops = "5c, 5d >= 0.97 x 2 (plugin, unsteered) at concurrency 32"
+    assert rows[("3, 4 >= 0.98 x plain vLLM", "steer_same")]["met"]
+    assert not rows[("3, 4 >= 0.98 x plain vLLM", "steer_distinct")]["met"]
+    assert not rows[("5a, 5b, 5d >= 0.97 x plain vLLM", "monitor3")]["met"]
+    assert rows[("5a, 5b, 5d >= 0.97 x plain vLLM", "policy_monitor3")]["met"]
+    ops = "5c >= 0.97 x 2 (plugin, unsteered) at concurrency 32"
     assert rows[(ops, "ops")]["met"] and set(rows[(ops, "ops")]["measured"]) == {32}
     assert rows[(ops, "ops")]["measured"][32] == pytest.approx(0.985 / 0.995)
-    assert not rows[(ops, "policy_monitor3")]["met"]
-    hf = rows[("4 >= 5 x 6b (HF, distinct specs) at concurrency 32", "steer_distinct")]
+    hf = rows[("4 >= 8 x 6b (HF, distinct specs) at concurrency 32", "steer_distinct")]
     assert hf["met"] and set(hf["measured"]) == {32}
-    # without 1', scenario 1 alone is the baseline
-    only1 = [s for s in stats if s.scenario != "plain_after"]
-    assert rep.ratios(only1)[("plain", 8)] == 1.0
-    assert rep.ratios(only1)[("steer_distinct", 8)] == pytest.approx(0.96 / 0.95)
     no32 = rep.evaluate_targets(_all_stats(levels=(1, 2)))
     assert not no32[-1]["evaluated"] and not no32[-1]["met"]
+
+
+def test_ratios_are_per_pass_medians_with_spread():
+    # the machine slows down over three passes; the plugin is 2 % slower than plain in each pass
+    speed = {0: 1.0, 1: 0.8, 2: 0.9}
+    stats = [_stats("plain", 8, 100 * f, p) for p, f in speed.items()]
+    stats += [_stats("unsteered", 8, 98 * f, p) for p, f in speed.items()]
+    stats += [_stats("hf_distinct", 8, 9.0, -1)]  # measured once: divided by plain's median
+    spread = rep.ratio_spread(stats)
+    # side by side in each pass, the drift cancels: every pass says 0.98
+    assert spread[("unsteered", 8)] == rep.Ratio(pytest.approx(0.98), pytest.approx(0.98), pytest.approx(0.98), 3)
+    # plain's own spread around its median is the noise floor
+    assert (spread[("plain", 8)].low, spread[("plain", 8)].high) == (pytest.approx(0.8 / 0.9), pytest.approx(1 / 0.9))
+    assert spread[("hf_distinct", 8)].median == pytest.approx(0.1)
+    assert rep.speedup(stats, "unsteered", "hf_distinct")[8] == pytest.approx(88.2 / 9.0)
+    table = rep.ratio_table(stats)
+    assert "| 2 plugin, unsteered | 0.980 (0.980-0.980) |" in table
+    assert "| 1 vLLM, no plugin | 1.000 (0.889-1.111) |" in table
+
+
+def test_summaries_are_per_pass_and_skip_missing_ttft():
+    results = [
+        rep.RequestResult("plain", 2, 0, 10, 4, 4, 0.0, math.nan, 1.0, "", 0),
+        rep.RequestResult("plain", 2, 1, 10, 4, 4, 0.0, math.nan, 2.0, "", 0),
+        rep.RequestResult("plain", 2, 0, 10, 4, 4, 0.0, math.nan, 4.0, "", 1),
+    ]
+    stats = rep.summarize_all(results)
+    assert [(s.pass_index, s.tok_per_s) for s in stats] == [(0, 4.0), (1, 1.0)]
+    assert math.isnan(stats[0].ttft_p50) and stats[0].latency_p50 == 1.5
 
 
 def test_write_report(tmp_path):
@@ -225,7 +250,7 @@ def test_write_report(tmp_path):
     assert "personavec bench --x" in md and "test cpu" in md and "1.5 min" in md
     for s in SCENARIOS:
         assert label(s.key) in md
-    assert "| 4 steered, distinct specs | 0.960 | 0.960 | 0.960 |" in md
+    assert "| 4 steered, distinct specs | 0.960 | 0.960 | 0.960 |" in md  # one pass: no spread
     assert "9.6x" in md and "**no**" in md
     assert "![t_throughput](t_throughput.png)" in md
     with open(files["csv"]) as f:
@@ -259,7 +284,6 @@ def test_benchmark_smoke(tmp_path, tiny_llama):
     from personavec_vllm.bench.options import main
 
     out = tmp_path / "results"
-    # --no-baseline-after: 1' is scenario 1 again on a third server start, which a smoke run skips
     code = main(
         [
             "--model",
@@ -276,18 +300,23 @@ def test_benchmark_smoke(tmp_path, tiny_llama):
             "--out",
             str(out),
             "--no-progress",
-            "--no-baseline-after",
+            "--passes",
+            "2",
         ]
     )
     assert code == 0
     md = (out / "serving.md").read_text()
-    scenarios = [s for s in SCENARIOS if s.key != "plain_after"]
+    scenarios = list(SCENARIOS)
     for s in scenarios:
         assert label(s.key) in md, s.key
     assert "--enforce-eager" in md
     with open(out / "serving.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {(r["scenario"], r["concurrency"]) for r in rows} == {(s.key, c) for s in scenarios for c in ("1", "2")}
+    server = [s for s in scenarios if s.group != "hf"]
+    measured = {(r["scenario"], r["concurrency"], r["pass_index"]) for r in rows}
+    assert measured == {(s.key, c, p) for s in server for c in ("1", "2") for p in ("0", "1")} | {
+        (s.key, c, "-1") for s in scenarios if s.group == "hf" for c in ("1", "2")
+    }
     assert all(r["errors"] == "0" and float(r["tok_per_s"]) > 0 for r in rows)
     assert all(int(r["output_tokens"]) == int(rows[0]["output_tokens"]) for r in rows)  # same work everywhere
     for png in ("serving_throughput.png", "serving_latency.png"):

@@ -1,15 +1,18 @@
-"""Async HTTP load: a closed loop of `concurrency` clients streaming `/v1/completions`.
+"""Async HTTP load: a closed loop of `concurrency` clients on `/v1/chat/completions` (text
+prompts) or `/v1/completions` (token-id prompts), streaming or not.
 
-Each client sends its next request as soon as its previous one finished. Time to first
-token is when the first chunk with a choice arrives; output tokens are counted from the
+Each client sends its next request as soon as its previous one finished. Streaming: time to
+first token is when the first chunk with a choice arrives; output tokens are counted from the
 `usage` chunk (`stream_options.include_usage`); the `persona` object arrives in its own last
-chunk on a personavec server.
+chunk on a personavec server. Not streaming: there is no time to first token (NaN); tokens and
+`persona` come in the one response.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,10 +24,18 @@ from personavec_vllm.bench.workload import BenchRequest
 PersonaCheck = Callable[[dict[str, Any] | None, int], str | None]
 
 
-def completion_body(model: str, req: BenchRequest, *, stream: bool = True, extra: dict | None = None) -> dict:
-    body = {
-        "model": model,
-        "prompt": list(req.prompt_token_ids),
+API_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+
+
+def completion_body(
+    model: str, req: BenchRequest, *, stream: bool = True, extra: dict | None = None, api: str = "completions"
+) -> dict:
+    body: dict[str, Any] = {"model": model}
+    if api == "chat":
+        body["messages"] = [{"role": "user", "content": req.text}]
+    else:
+        body["prompt"] = list(req.prompt_token_ids)
+    body |= {
         "max_tokens": req.output_len,
         "ignore_eos": True,
         "temperature": 0.0,
@@ -37,6 +48,8 @@ def completion_body(model: str, req: BenchRequest, *, stream: bool = True, extra
 
 
 async def _one(session, url: str, body: dict, t0: float) -> dict[str, Any]:
+    if not body.get("stream"):
+        return await _one_response(session, url, body, t0)
     submit = time.perf_counter() - t0
     first = None
     usage = None
@@ -84,6 +97,18 @@ async def _one(session, url: str, body: dict, t0: float) -> dict[str, Any]:
     )
 
 
+async def _one_response(session, url: str, body: dict, t0: float) -> dict[str, Any]:
+    submit = time.perf_counter() - t0
+    async with session.post(url, json=body) as resp:
+        text = await resp.text()
+    end = time.perf_counter() - t0
+    out: dict[str, Any] = dict(submit=submit, first=math.nan, end=end, tokens=0, persona=None, error="")
+    if resp.status != 200:
+        return out | {"error": f"HTTP {resp.status}: {text[:300]}"}
+    obj = json.loads(text)
+    return out | {"tokens": (obj.get("usage") or {}).get("completion_tokens", 0), "persona": obj.get("persona")}
+
+
 async def run_level_async(
     base_url: str,
     model: str,
@@ -93,10 +118,14 @@ async def run_level_async(
     extra_of: Callable[[int], dict],
     check: PersonaCheck,
     progress: Callable[[int], None] | None = None,
+    *,
+    api: str = "completions",
+    stream: bool = True,
+    pass_index: int = 0,
 ) -> list[RequestResult]:
     import aiohttp
 
-    url = base_url.rstrip("/") + "/v1/completions"
+    url = base_url.rstrip("/") + API_PATHS[api]
     queue = list(range(len(requests)))
     queue.reverse()
     results: list[RequestResult | None] = [None] * len(requests)
@@ -109,7 +138,7 @@ async def run_level_async(
             while queue:
                 j = queue.pop()
                 req = requests[j]
-                body = completion_body(model, req, extra=extra_of(req.index))
+                body = completion_body(model, req, stream=stream, extra=extra_of(req.index), api=api)
                 try:
                     r = await _one(session, url, body, t0)
                 except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
@@ -133,6 +162,7 @@ async def run_level_async(
                     first_token=r["first"],
                     end=r["end"],
                     error=error,
+                    pass_index=pass_index,
                 )
                 if progress:
                     progress(1)

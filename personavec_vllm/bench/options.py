@@ -83,10 +83,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "1,1',2,3,4,5a,5b,6a,6b; scenario 1 is always run as the baseline",
     )
     p.add_argument(
-        "--no-baseline-after",
+        "--passes",
+        type=int,
+        default=3,
+        help="passes over all scenarios and levels, both servers up side by side, the order rotated "
+        "each time (default 3): ratios are medians over passes, with the lowest and highest reported",
+    )
+    p.add_argument(
+        "--api",
+        choices=("chat", "completions"),
+        default="chat",
+        help="chat: /v1/chat/completions with text prompts, as most clients call it (default); "
+        "completions: /v1/completions with token-id prompts (exact prompt lengths)",
+    )
+    p.add_argument(
+        "--stream", action="store_true", help="streaming requests, with time to first token (default: not streaming)"
+    )
+    p.add_argument(
+        "--no-prefix-caching",
         action="store_true",
-        help="measure plain vLLM only before the personavec server, not again after it "
-        "(scenario 1'; saves a server start but hides drift of the machine)",
+        help="start both servers with --no-enable-prefix-caching (default: vLLM's default, on; every "
+        "measurement sends words of its own, so none reuses another's prefill)",
+    )
+    p.add_argument(
+        "--max-num-seqs", type=int, default=None, help="vLLM's --max-num-seqs for both servers (default: vLLM's)"
     )
     p.add_argument(
         "--enforce-eager", action="store_true", help="start vLLM with --enforce-eager (default: vLLM's compiled mode)"

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from personavec_vllm.bench.scenarios import BASELINE, BASELINES, BY_KEY, SCENARIOS, label
+from personavec_vllm.bench.scenarios import BASELINE, BY_KEY, SCENARIOS, label
 
 
 @dataclass
@@ -27,9 +27,10 @@ class RequestResult:
     output_len: int  # asked for
     output_tokens: int  # received
     submit: float
-    first_token: float
+    first_token: float  # NaN when not streaming
     end: float
     error: str = ""
+    pass_index: int = 0  # which pass of the interleaved measurement (HF: -1, measured once)
 
     @property
     def latency(self) -> float:
@@ -56,6 +57,7 @@ class LevelStats:
     # CPU that processes other than the benchmark and its server used meanwhile (cores, steal
     # included): other tenants of a shared machine, the reason to distrust a level
     other_cpu: float = math.nan
+    pass_index: int = 0
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -77,11 +79,12 @@ def summarize(results: Sequence[RequestResult]) -> LevelStats:
     submission to last completion)."""
     if not results:
         raise ValueError("no results")
-    keys = {(r.scenario, r.concurrency) for r in results}
+    keys = {(r.scenario, r.concurrency, r.pass_index) for r in results}
     if len(keys) != 1:
         raise ValueError(f"results of several levels: {sorted(keys)}")
-    scenario, concurrency = keys.pop()
+    scenario, concurrency, pass_index = keys.pop()
     ok = [r for r in results if not r.error]
+    ttfts = [r.ttft for r in ok if not math.isnan(r.ttft)]
     wall = max(r.end for r in results) - min(r.submit for r in results)
     tokens = sum(r.output_tokens for r in ok)
     return LevelStats(
@@ -93,18 +96,20 @@ def summarize(results: Sequence[RequestResult]) -> LevelStats:
         tok_per_s=tokens / wall if wall > 0 else math.nan,
         latency_p50=percentile([r.latency for r in ok], 50),
         latency_p99=percentile([r.latency for r in ok], 99),
-        ttft_p50=percentile([r.ttft for r in ok], 50),
-        ttft_p99=percentile([r.ttft for r in ok], 99),
+        ttft_p50=percentile(ttfts, 50),
+        ttft_p99=percentile(ttfts, 99),
         errors=len(results) - len(ok),
+        pass_index=pass_index,
     )
 
 
 def summarize_all(results: Iterable[RequestResult]) -> list[LevelStats]:
-    groups: dict[tuple[str, int], list[RequestResult]] = {}
+    """One `LevelStats` per scenario, concurrency and pass."""
+    groups: dict[tuple[str, int, int], list[RequestResult]] = {}
     for r in results:
-        groups.setdefault((r.scenario, r.concurrency), []).append(r)
+        groups.setdefault((r.scenario, r.concurrency, r.pass_index), []).append(r)
     order = {s.key: i for i, s in enumerate(SCENARIOS)}
-    keys = sorted(groups, key=lambda k: (order.get(k[0], len(order)), k[1]))
+    keys = sorted(groups, key=lambda k: (order.get(k[0], len(order)), k[1], k[2]))
     return [summarize(groups[k]) for k in keys]
 
 
@@ -125,30 +130,63 @@ def closed_loop_times(measured: Sequence[tuple[float, float]], concurrency: int)
     return out
 
 
-def baseline_rates(stats: Sequence[LevelStats], baselines: Sequence[str] = BASELINES) -> dict[int, float]:
-    """Per concurrency, the mean output tok/s of the baseline scenarios measured there (scenario 1,
-    and 1' when the plain server ran a second time after the personavec server)."""
-    rates: dict[int, list[float]] = {}
+def median(values: Sequence[float]) -> float:
+    return percentile(values, 50)
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A scenario's output tok/s over the baseline's at one concurrency: the median over passes
+    of each pass's ratio (both measured in that pass, side by side), and the lowest and highest
+    pass. For the baseline itself: each pass's tok/s over the baseline's median (the noise floor)."""
+
+    median: float
+    low: float
+    high: float
+    passes: int
+
+
+def _rates(stats: Sequence[LevelStats], key: str) -> dict[int, dict[int, float]]:
+    """{concurrency: {pass: tok/s}} of scenario `key`."""
+    out: dict[int, dict[int, float]] = {}
     for s in stats:
-        if s.scenario in baselines and not math.isnan(s.tok_per_s):
-            rates.setdefault(s.concurrency, []).append(s.tok_per_s)
-    return {c: sum(v) / len(v) for c, v in rates.items()}
+        if s.scenario == key and not math.isnan(s.tok_per_s):
+            out.setdefault(s.concurrency, {})[s.pass_index] = s.tok_per_s
+    return out
 
 
-def ratios(stats: Sequence[LevelStats], baselines: Sequence[str] = BASELINES) -> dict[tuple[str, int], float]:
-    """Output tok/s of each (scenario, concurrency) over the baseline at the same concurrency."""
-    base = baseline_rates(stats, baselines)
-    return {
-        (s.scenario, s.concurrency): s.tok_per_s / base[s.concurrency]
-        for s in stats
-        if s.concurrency in base and base[s.concurrency] > 0
-    }
+def baseline_rates(stats: Sequence[LevelStats], baseline: str = BASELINE) -> dict[int, float]:
+    """Per concurrency, the median over passes of the baseline's output tok/s."""
+    return {c: median(list(by_pass.values())) for c, by_pass in _rates(stats, baseline).items()}
+
+
+def ratio_spread(stats: Sequence[LevelStats], baseline: str = BASELINE) -> dict[tuple[str, int], Ratio]:
+    """`Ratio` of every (scenario, concurrency). A pass the baseline did not run in (the HF
+    reference, measured once) divides by the baseline's median."""
+    base = _rates(stats, baseline)
+    out = {}
+    for key in {s.scenario for s in stats}:
+        for c, by_pass in _rates(stats, key).items():
+            if c not in base:
+                continue
+            mid = median(list(base[c].values()))
+            if key == baseline:
+                values = [v / mid for v in by_pass.values()]
+            else:
+                values = [v / base[c].get(p, mid) for p, v in by_pass.items()]
+            if values and mid > 0:
+                out[(key, c)] = Ratio(median(values), min(values), max(values), len(values))
+    return out
+
+
+def ratios(stats: Sequence[LevelStats], baseline: str = BASELINE) -> dict[tuple[str, int], float]:
+    """The median ratio of each (scenario, concurrency) (see `Ratio`)."""
+    return {k: r.median for k, r in ratio_spread(stats, baseline).items()}
 
 
 def speedup(stats: Sequence[LevelStats], num: str, den: str) -> dict[int, float]:
-    """tok/s of scenario `num` over scenario `den`, per concurrency."""
-    a = {s.concurrency: s.tok_per_s for s in stats if s.scenario == num}
-    b = {s.concurrency: s.tok_per_s for s in stats if s.scenario == den}
+    """Median tok/s of scenario `num` over that of scenario `den`, per concurrency."""
+    a, b = baseline_rates(stats, num), baseline_rates(stats, den)
     return {c: a[c] / b[c] for c in sorted(a) if c in b and b[c] > 0}
 
 
@@ -163,19 +201,19 @@ class Target:
 
 TARGETS = (
     Target("2 >= 0.99 x plain vLLM", ("unsteered",), 0.99),
-    Target("3, 4 >= 0.97 x plain vLLM", ("steer_same", "steer_distinct"), 0.97),
-    Target("5 >= 0.95 x plain vLLM", ("monitor1", "monitor3"), 0.95),
+    Target("3, 4 >= 0.98 x plain vLLM", ("steer_same", "steer_distinct"), 0.98),
+    Target("5a, 5b, 5d >= 0.97 x plain vLLM", ("monitor1", "monitor3", "policy_monitor3"), 0.97),
     Target(
-        "5c, 5d >= 0.97 x 2 (plugin, unsteered) at concurrency 32",
-        ("ops", "policy_monitor3"),
+        "5c >= 0.97 x 2 (plugin, unsteered) at concurrency 32",
+        ("ops",),
         0.97,
         over="unsteered",
         concurrency=32,
     ),
     Target(
-        "4 >= 5 x 6b (HF, distinct specs) at concurrency 32",
+        "4 >= 8 x 6b (HF, distinct specs) at concurrency 32",
         ("steer_distinct",),
-        5.0,
+        8.0,
         over="hf_distinct",
         concurrency=32,
     ),
@@ -235,27 +273,41 @@ def _scenarios(stats: Sequence[LevelStats]) -> list[str]:
     return [s.key for s in SCENARIOS if s.key in present]
 
 
+def _ratio_cell(r: Ratio | None) -> str:
+    if r is None:
+        return "n/a"
+    if r.passes == 1:
+        return f"{r.median:.3f}"
+    return f"{r.median:.3f} ({r.low:.3f}-{r.high:.3f})"
+
+
 def ratio_table(stats: Sequence[LevelStats]) -> str:
-    """Markdown: output tok/s ratio to the baseline, scenarios x concurrency."""
-    levels, r = _levels(stats), ratios(stats)
+    """Markdown: output tok/s ratio to the baseline, scenarios x concurrency: the median over
+    passes and (in brackets) the lowest and highest pass."""
+    levels, r = _levels(stats), ratio_spread(stats)
     lines = ["| scenario | " + " | ".join(f"c={c}" for c in levels) + " |", "|---|" + "---:|" * len(levels)]
     for key in _scenarios(stats):
-        cells = [_fmt(r.get((key, c), math.nan), 3) for c in levels]
+        cells = [_ratio_cell(r.get((key, c))) for c in levels]
         lines.append(f"| {label(key)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def full_table(stats: Sequence[LevelStats]) -> str:
-    r = ratios(stats)
+    """Every measurement (one row per scenario, concurrency and pass); the ratio is to the
+    baseline of the same pass."""
+    base = _rates(stats, BASELINE)
     lines = [
-        "| scenario | conc. | requests | output tok/s | ratio to baseline | latency p50 (s) | latency p99 (s) "
+        "| scenario | conc. | pass | requests | output tok/s | ratio to baseline | latency p50 (s) | latency p99 (s) "
         "| TTFT p50 (s) | TTFT p99 (s) | errors | other CPU (cores) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in stats:
+        by_pass = base.get(s.concurrency, {})
+        den = by_pass.get(s.pass_index) or (median(list(by_pass.values())) if by_pass else math.nan)
+        ratio = s.tok_per_s / den if den and not math.isnan(den) else math.nan
         lines.append(
-            f"| {label(s.scenario)} | {s.concurrency} | {s.requests} | {_fmt(s.tok_per_s)} | "
-            f"{_fmt(r.get((s.scenario, s.concurrency), math.nan), 3)} | {_fmt(s.latency_p50, 2)} | "
+            f"| {label(s.scenario)} | {s.concurrency} | {s.pass_index if s.pass_index >= 0 else 'once'} | "
+            f"{s.requests} | {_fmt(s.tok_per_s)} | {_fmt(ratio, 3)} | {_fmt(s.latency_p50, 2)} | "
             f"{_fmt(s.latency_p99, 2)} | {_fmt(s.ttft_p50, 2)} | {_fmt(s.ttft_p99, 2)} | {s.errors} | "
             f"{_fmt(s.other_cpu, 2)} |"
         )
@@ -282,8 +334,13 @@ def hf_table(stats: Sequence[LevelStats]) -> str:
 
 def targets_table(stats: Sequence[LevelStats]) -> str:
     lines = ["| target | scenario | measured | met |", "|---|---|---|---|"]
+    spread = ratio_spread(stats)
     for row in evaluate_targets(stats):
-        measured = ", ".join(f"c={c}: {v:.3f}" for c, v in sorted(row["measured"].items())) or "not measured"
+        cells = {
+            c: _ratio_cell(spread.get((row["scenario"], c))) if row["over"] == BASELINE else f"{v:.3f}"
+            for c, v in row["measured"].items()
+        }
+        measured = ", ".join(f"c={c}: {cell}" for c, cell in sorted(cells.items())) or "not measured"
         met = ("yes" if row["met"] else "**no**") if row["evaluated"] else "n/a"
         lines.append(f"| {row['target']} | {label(row['scenario'])} | {measured} | {met} |")
     return "\n".join(lines)
@@ -299,15 +356,15 @@ def markdown(report: Report, plot_files: Sequence[str] = ()) -> str:
     parts += ["## Scenarios", ""]
     present = set(_scenarios(report.stats))
     parts += [f"- **{s.number} {s.title}**: {s.description}" for s in SCENARIOS if s.key in present] + [""]
-    twice = any(s.scenario == "plain_after" for s in report.stats)
+    passes = max((s.pass_index for s in report.stats), default=0) + 1
     parts += ["## Output tokens/s relative to plain vLLM (the headline)", ""]
-    if twice:
-        parts += [
-            "The baseline is the mean of scenarios 1 and 1' (the plain server before and after the "
-            "personavec server) at the same concurrency; their own ratios show how far the machine "
-            "drifted during the run, which bounds what the other ratios can resolve.",
-            "",
-        ]
+    parts += [
+        f"Both servers ran side by side; each of the {passes} pass(es) measured every scenario once per "
+        "concurrency, in a rotated order. A cell is the median over passes of the scenario's tok/s over "
+        "plain vLLM's in the same pass, with the lowest and highest pass in brackets. Row 1 is plain "
+        "vLLM's own pass-to-pass spread around its median: the noise floor the other rows must beat.",
+        "",
+    ]
     parts += [ratio_table(report.stats), ""]
     if any(s.scenario in ("hf_same", "hf_distinct") for s in report.stats):
         parts += ["## Against the HF transformers reference (output tokens/s ratio)", "", hf_table(report.stats), ""]
@@ -322,15 +379,28 @@ def markdown(report: Report, plot_files: Sequence[str] = ()) -> str:
     return "\n".join(parts)
 
 
+def _pass_ratios(stats: Sequence[LevelStats]) -> dict[tuple[str, int, int], float]:
+    """Each measurement's tok/s over the baseline's in the same pass (its median where the
+    baseline did not run in that pass)."""
+    base = _rates(stats, BASELINE)
+    out = {}
+    for s in stats:
+        by_pass = base.get(s.concurrency)
+        if by_pass:
+            den = by_pass.get(s.pass_index) or median(list(by_pass.values()))
+            out[(s.scenario, s.concurrency, s.pass_index)] = s.tok_per_s / den
+    return out
+
+
 def write_csv(stats: Sequence[LevelStats], path: Path) -> None:
-    r = ratios(stats)
+    r = _pass_ratios(stats)
     names = [f.name for f in fields(LevelStats)]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["scenario_number", "scenario_title"] + names + ["ratio_to_baseline"])
         for s in stats:
             row = asdict(s)
-            ratio = r.get((s.scenario, s.concurrency), math.nan)
+            ratio = r.get((s.scenario, s.concurrency, s.pass_index), math.nan)
             w.writerow(
                 [BY_KEY[s.scenario].number, BY_KEY[s.scenario].title]
                 + [_csv_value(row[n]) for n in names]
@@ -354,6 +424,15 @@ def _csv_value(v):
     return v
 
 
+def _medians(stats: Sequence[LevelStats]) -> dict[tuple[str, int], LevelStats]:
+    """Per (scenario, concurrency), the pass with the median throughput (the lower middle one
+    for an even number of passes)."""
+    groups: dict[tuple[str, int], list[LevelStats]] = {}
+    for s in stats:
+        groups.setdefault((s.scenario, s.concurrency), []).append(s)
+    return {k: sorted(v, key=lambda s: s.tok_per_s)[(len(v) - 1) // 2] for k, v in groups.items()}
+
+
 def write_plots(stats: Sequence[LevelStats], out_dir: Path, prefix: str) -> list[Path]:
     """throughput (absolute and ratio) and latency plots; returns the PNG paths."""
     import matplotlib
@@ -362,8 +441,8 @@ def write_plots(stats: Sequence[LevelStats], out_dir: Path, prefix: str) -> list
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
-    levels, r, keys = _levels(stats), ratios(stats), _scenarios(stats)
-    by = {(s.scenario, s.concurrency): s for s in stats}
+    levels, r, keys = _levels(stats), ratio_spread(stats), _scenarios(stats)
+    by = _medians(stats)
     style = {s.key: ("--" if s.group == "hf" else "-") for s in SCENARIOS}
     colors = {s.key: f"C{i}" for i, s in enumerate(SCENARIOS)}  # one color per scenario in every plot
     paths = []
@@ -372,18 +451,20 @@ def write_plots(stats: Sequence[LevelStats], out_dir: Path, prefix: str) -> list
     for key in keys:
         xs = [c for c in levels if (key, c) in by]
         ax1.plot(xs, [by[(key, c)].tok_per_s for c in xs], style[key], color=colors[key], marker="o", label=label(key))
-        if BY_KEY[key].group != "hf" and (key != BASELINE or "plain_after" in keys):
+        if BY_KEY[key].group != "hf":
             xr = [c for c in xs if (key, c) in r]
-            ax2.plot(xr, [r[(key, c)] for c in xr], color=colors[key], marker="o", label=label(key))
+            mid = [r[(key, c)].median for c in xr]
+            err = [[m - r[(key, c)].low for m, c in zip(mid, xr)], [r[(key, c)].high - m for m, c in zip(mid, xr)]]
+            ax2.errorbar(xr, mid, yerr=err, color=colors[key], marker="o", capsize=3, label=label(key))
     ax1.set(xscale="log", yscale="log", xlabel="concurrency", ylabel="output tokens/s", title="Throughput")
     ax2.axhline(1.0, color="gray", lw=0.8)
-    for t, color in ((0.99, "tab:green"), (0.97, "tab:orange"), (0.95, "tab:red")):
+    for t, color in ((0.99, "tab:green"), (0.98, "tab:orange"), (0.97, "tab:red")):
         ax2.axhline(t, color=color, lw=0.8, ls=":")
     ax2.set(
         xscale="log",
         xlabel="concurrency",
-        ylabel="tok/s relative to plain vLLM (scenario 1)",
-        title="Relative to plain vLLM (dotted: targets 0.99/0.97/0.95)",
+        ylabel="tok/s relative to plain vLLM, same pass",
+        title="Relative to plain vLLM (median, bars: lowest/highest pass)",
     )
     ax1.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax1.yaxis.set_minor_formatter(NullFormatter())

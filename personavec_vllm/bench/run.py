@@ -20,6 +20,7 @@ Writes `<out>/<prefix>.md`, `.csv`, `_requests.csv` and PNG plots. See benchmark
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import shlex
@@ -63,8 +64,6 @@ class Bench:
         from personavec_vllm.bench.scenarios import SCENARIOS
 
         wanted = args.scenarios or [s.key for s in SCENARIOS]
-        if args.no_baseline_after:
-            wanted = [k for k in wanted if k != "plain_after"]
         self.scenarios = [s.key for s in SCENARIOS if s.key in set(wanted) | {"plain"}]
         self.results: list[Any] = []
         self.checks: list[str] = []
@@ -111,16 +110,16 @@ class Bench:
             vectors_dir,
             "--dtype",
             "float32",
-            "--max-num-seqs",
-            str(max(self.levels)),
             "--max-model-len",
             str(max_len),
             "--seed",
             "0",
-            # every scenario repeats the same prompts: no scenario may reuse another's prefill
-            "--no-enable-prefix-caching",
             "--disable-uvicorn-access-log",
         ]
+        if a.max_num_seqs:
+            argv += ["--max-num-seqs", str(a.max_num_seqs)]
+        if a.no_prefix_caching:
+            argv.append("--no-enable-prefix-caching")
         if a.enforce_eager:
             argv.append("--enforce-eager")
         return argv + shlex.split(a.vllm_args)
@@ -139,11 +138,13 @@ class Bench:
             env["VLLM_PLUGINS"] = ",".join(others) or "none"
         return env
 
-    def run_server_scenarios(self, plugin: bool, keys: list[str]) -> None:
+    @contextlib.contextmanager
+    def server(self, plugin: bool):
+        """One server (plain vLLM or personavec), checked and warmed up; yields its base URL."""
         from personavec_vllm.testing import free_port, run_server
 
         env = self.server_env(plugin)
-        which = "plugin" if plugin else ("plain-again" if keys == ["plain_after"] else "plain")
+        which = "plugin" if plugin else "plain"
         log_dir = self.out if self.args.keep_logs else Path(self.tmp)
         log_path = log_dir / f"{self.args.prefix}_server_{which}.log"
         log(
@@ -161,20 +162,36 @@ class Bench:
             ) as base:
                 log(f"server ready after {time.monotonic() - t:.0f} s")
                 self.notes.append(f"{which} server start: {time.monotonic() - t:.0f} s (not measured)")
+                self.record_threads(log_path, which)
                 self.sanity_checks(base, plugin)
-                self.warm_up(base, keys, plugin)
-                for li, c in enumerate(self.levels):
-                    # rotate the order at each level so that no scenario always runs first
-                    order = keys[li % len(keys) :] + keys[: li % len(keys)]
-                    for key in order:
-                        self.measure_level(base, key, c)
+                yield base
         except Exception:
             if not self.args.keep_logs and log_path.exists():
                 kept = self.out / log_path.name
                 kept.write_bytes(log_path.read_bytes())
                 log(f"server log kept in {kept}")
             raise
-        self.record_threads(log_path, which)
+
+    def run_server_scenarios(self, keys: list[str]) -> None:
+        """Both servers run side by side, only one of them loaded at a time. Each pass measures
+        every scenario once per level, in an order rotated by pass and level, so that slow drift of
+        the machine and order effects spread over all scenarios instead of biasing one server."""
+        plugin_keys = [k for k in keys if k != "plain"]
+        with contextlib.ExitStack() as stack:
+            bases = {"plain": stack.enter_context(self.server(False))}
+            if plugin_keys:
+                plugin_base = stack.enter_context(self.server(True))
+                bases |= dict.fromkeys(plugin_keys, plugin_base)
+            self.warm_up(bases["plain"], ["plain"], False)
+            if plugin_keys:
+                self.warm_up(plugin_base, plugin_keys, True)
+            order = ["plain", *plugin_keys]
+            for p in range(self.args.passes):
+                log(f"pass {p + 1} of {self.args.passes}")
+                for li, c in enumerate(self.levels):
+                    shift = (p + li) % len(order)
+                    for key in order[shift:] + order[:shift]:
+                        self.measure_level(bases[key], key, c, p)
 
     def record_threads(self, log_path: Path, which: str) -> None:
         """Note the cores vLLM bound its CPU worker's OpenMP threads to (from the server log)."""
@@ -255,7 +272,7 @@ class Bench:
         from personavec_vllm.bench.scenarios import persona_fields
 
         c = max(self.levels)
-        reqs = [replace(r, output_len=4) for r in self.workload[: max(16, len(self.vectors.names))]]
+        reqs = [replace(r, output_len=4) for r in self.words_for(-1, -1)[: max(16, len(self.vectors.names))]]
         names = self.vectors.names
 
         def extra_of(i: int) -> dict:
@@ -264,7 +281,19 @@ class Bench:
             return persona_fields(keys[i % len(keys)], i, self.vectors)
 
         log(f"warm-up (untimed): {len(reqs)} requests at concurrency {c}")
-        run_level(base, SERVED_NAME, "warmup", c, reqs, extra_of, lambda p, i: None)
+        run_level(base, SERVED_NAME, "warmup", c, reqs, extra_of, lambda p, i: None, **self.protocol)
+
+    @property
+    def protocol(self) -> dict:
+        return {"api": self.args.api, "stream": self.args.stream}
+
+    def words_for(self, pass_index: int, scenario_index: int) -> list:
+        """The workload with words of its own for one measurement (same shapes everywhere), so
+        that with prefix caching on no measurement reuses another's prefill."""
+        from personavec_vllm.bench.workload import with_fresh_words
+
+        seed = self.args.seed * 1_000_003 + 1000 * (pass_index + 2) + scenario_index + 1
+        return with_fresh_words(self.workload, self.vocab, seed, lambda ids: str(self.tokenizer.decode(ids)))
 
     def set_policy(self, base: str, document: str) -> None:
         """Put a server policy in force (scenario 5d), or clear it (an empty document)."""
@@ -279,25 +308,26 @@ class Bench:
         with urllib.request.urlopen(req, timeout=60) as resp:
             resp.read()
 
-    def measure_level(self, base: str, key: str, c: int) -> None:
+    def measure_level(self, base: str, key: str, c: int, pass_index: int) -> None:
         from personavec_vllm.bench.scenarios import policy_document
 
         if key != "policy_monitor3":
-            self._measure_level(base, key, c)
+            self._measure_level(base, key, c, pass_index)
             return
         self.set_policy(base, policy_document(self.vectors))
         try:
-            self._measure_level(base, key, c)
+            self._measure_level(base, key, c, pass_index)
         finally:
             self.set_policy(base, "")
 
-    def _measure_level(self, base: str, key: str, c: int) -> None:
+    def _measure_level(self, base: str, key: str, c: int, pass_index: int) -> None:
         from personavec_vllm.bench.client import run_level
         from personavec_vllm.bench.report import summarize
-        from personavec_vllm.bench.scenarios import label, persona_fields
+        from personavec_vllm.bench.scenarios import SCENARIOS, label, persona_fields
 
-        reqs = self.workload[: self.per_level[c]]
-        bar = Progress(len(reqs), f"{label(key)} c={c}", not self.args.no_progress)
+        number = [s.key for s in SCENARIOS].index(key)
+        reqs = self.words_for(pass_index, number)[: self.per_level[c]]
+        bar = Progress(len(reqs), f"{label(key)} c={c} pass {pass_index + 1}", not self.args.no_progress)
         meter = CpuMeter()
         try:
             res = run_level(
@@ -309,17 +339,20 @@ class Bench:
                 lambda i: persona_fields(key, i, self.vectors),
                 persona_check(key, self.vectors),
                 bar,
+                pass_index=pass_index,
+                **self.protocol,
             )
         finally:
             bar.close()
-        self.other_cpu[(key, c)] = meter.stop()
+        self.other_cpu[(key, c, pass_index)] = meter.stop()
         self.results.extend(res)
         s = summarize(res)
-        s.other_cpu = self.other_cpu[(key, c)]
+        s.other_cpu = self.other_cpu[(key, c, pass_index)]
         errs = f", {s.errors} ERRORS (first: {next(r.error for r in res if r.error)})" if s.errors else ""
         log(
-            f"{label(key):<28} c={c:<3} {s.tok_per_s:8.1f} tok/s  latency p50 {s.latency_p50:6.2f} s  "
-            f"p99 {s.latency_p99:6.2f} s  TTFT p50 {s.ttft_p50:6.2f} s  other CPU {s.other_cpu:4.2f} cores{errs}"
+            f"{label(key):<28} c={c:<3} pass {pass_index + 1} {s.tok_per_s:8.1f} tok/s  latency p50 "
+            f"{s.latency_p50:6.2f} s  p99 {s.latency_p99:6.2f} s  TTFT p50 {s.ttft_p50:6.2f} s  "
+            f"other CPU {s.other_cpu:4.2f} cores{errs}"
         )
 
     # HF reference -------------------------------------------------------------------------
@@ -343,7 +376,9 @@ class Bench:
             out = []
             for req, (submit, first, end) in zip(reqs, closed_loop_times(measured, c)):
                 out.append(
-                    RequestResult(key, c, req.index, req.prompt_len, req.output_len, req.output_len, submit, first, end)
+                    RequestResult(
+                        key, c, req.index, req.prompt_len, req.output_len, req.output_len, submit, first, end, "", -1
+                    )
                 )
             return out
 
@@ -352,7 +387,7 @@ class Bench:
             log(
                 f"{label(key):<28} c={c:<3} {s.tok_per_s:8.1f} tok/s  latency p50 {s.latency_p50:6.2f} s  "
                 f"p99 {s.latency_p99:6.2f} s  TTFT p50 {s.ttft_p50:6.2f} s  "
-                f"other CPU {self.other_cpu.get((key, c), math.nan):4.2f} cores"
+                f"other CPU {self.other_cpu.get((key, c, -1), math.nan):4.2f} cores"
             )
 
         if "hf_same" in keys:
@@ -364,7 +399,7 @@ class Bench:
                     reqs, same_spec_batches(len(reqs), c), lambda i: hf_terms("hf_same", i, self.vectors), bar
                 )
                 bar.close()
-                self.other_cpu[("hf_same", c)] = meter.stop()
+                self.other_cpu[("hf_same", c, -1)] = meter.stop()
                 res = rows("hf_same", c, reqs, measured)
                 self.results.extend(res)
                 report("hf_same", c, res)
@@ -382,7 +417,7 @@ class Bench:
             bar.close()
             other = meter.stop()
             for c in self.levels:
-                self.other_cpu[("hf_distinct", c)] = other
+                self.other_cpu[("hf_distinct", c, -1)] = other
                 k = self.per_level[c]
                 res = rows("hf_distinct", c, reqs[:k], measured[:k])
                 self.results.extend(res)
@@ -421,12 +456,13 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         machine = machine_description()
         self.model = str(resolve_model(a.model))
-        tokenizer = AutoTokenizer.from_pretrained(self.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model)
         cfg = WorkloadConfig(seed=a.seed, prompt_len=a.prompt_len, output_len=a.output_len)
-        self.workload = make_workload(cfg, max(self.per_level.values()), word_vocab(tokenizer))
+        self.vocab = word_vocab(self.tokenizer)
+        self.workload = make_workload(cfg, max(self.per_level.values()), self.vocab)
         self.check_texts: dict[str, str] = {}
         self.worker_threads = None
-        self.other_cpu: dict[tuple[str, int], float] = {}
+        self.other_cpu: dict[tuple[str, int, int], float] = {}
         with tempfile.TemporaryDirectory(prefix="personavec-bench-") as tmp:
             self.tmp = tmp
             vdir = Path(tmp) / "vectors"
@@ -438,19 +474,14 @@ class Bench:
                 f"levels {self.levels}, requests {[self.per_level[c] for c in self.levels]} "
                 f"({total} per scenario), scenarios {', '.join(self.scenarios)}"
             )
-            self.run_server_scenarios(False, ["plain"])
-            plugin_keys = [k for k in self.scenarios if k in PLUGIN_SCENARIOS]
-            if plugin_keys:
-                self.run_server_scenarios(True, plugin_keys)
-            if "plain_after" in self.scenarios:
-                self.run_server_scenarios(False, ["plain_after"])
+            self.run_server_scenarios(["plain", *(k for k in self.scenarios if k in PLUGIN_SCENARIOS)])
             hf_keys = [k for k in self.scenarios if k in HF_SCENARIOS]
             if hf_keys:
                 self.run_hf(hf_keys)
 
         stats = summarize_all(self.results)
         for s in stats:
-            s.other_cpu = self.other_cpu.get((s.scenario, s.concurrency), math.nan)
+            s.other_cpu = self.other_cpu.get((s.scenario, s.concurrency, s.pass_index), math.nan)
         machine["load average at end (1/5/15 min)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
         v = self.vectors
         config = {
@@ -459,8 +490,13 @@ class Bench:
             "server options": " ".join(self.server_args("<vectors>")[2:]),
             "workload": cfg.describe(),
             "requests per level": ", ".join(f"c={c}: {self.per_level[c]}" for c in self.levels),
-            "client": "aiohttp, closed loop of `concurrency` clients, streaming /v1/completions with token-id "
-            "prompts; tok/s = output tokens / (first send to last token)",
+            "client": f"aiohttp, closed loop of `concurrency` clients, {'' if a.stream else 'non-'}streaming "
+            + (
+                "/v1/chat/completions with text prompts (the workload's tokens decoded)"
+                if a.api == "chat"
+                else "/v1/completions with token-id prompts"
+            )
+            + f"; tok/s = output tokens / (first send to last token); {a.passes} interleaved pass(es)",
             "vectors": f"{self.vector_source}: {', '.join(v.names)}; recommended layers {list(v.layers)}, norms "
             f"there {', '.join(f'{n:.2f}' for n in v.norms)}",
             "HF reference": (

@@ -28,14 +28,6 @@ SCENARIOS: tuple[Scenario, ...] = (
         "plain",
     ),
     Scenario(
-        "plain_after",
-        "1'",
-        "vLLM, no plugin, again",
-        "scenario 1 once more, on a new plain server started after the personavec server: the "
-        "spread between 1 and 1' is how much the machine drifted over the run",
-        "plain",
-    ),
-    Scenario(
         "unsteered",
         "2",
         "plugin, unsteered",
@@ -102,8 +94,6 @@ SCENARIOS: tuple[Scenario, ...] = (
 )
 BY_KEY = {s.key: s for s in SCENARIOS}
 BASELINE = "plain"
-# Ratios divide by the mean of these (those measured) at the same concurrency.
-BASELINES = ("plain", "plain_after")
 PLUGIN_SCENARIOS = tuple(s.key for s in SCENARIOS if s.group == "plugin")
 HF_SCENARIOS = tuple(s.key for s in SCENARIOS if s.group == "hf")
 

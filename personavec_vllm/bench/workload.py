@@ -1,8 +1,10 @@
 """The benchmark's fixed, seeded workload: prompts of given token lengths and output lengths.
 
-Every scenario and every concurrency level sends the same requests (level `c` with `n`
-requests sends the first `n` of the stream), as token ids on `/v1/completions` with
-`ignore_eos`, so every scenario computes exactly the same prompt and output tokens.
+Every scenario and every concurrency level sends requests of the same shapes (level `c` with
+`n` requests sends the first `n` of the stream) with `ignore_eos`, so every scenario computes
+the same number of prompt and output tokens. Each measurement draws its own words for those
+shapes (`with_fresh_words`): with prefix caching on, no measurement may reuse the prefill of an
+earlier one.
 
 - Prompt lengths: log-normal with median sqrt(min * max) and shape `sigma`, clipped to
   [min, max] (most prompts short, a tail of long ones).
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -68,6 +70,7 @@ class BenchRequest:
     index: int
     prompt_token_ids: tuple[int, ...]
     output_len: int
+    text: str = ""  # the prompt as text, for the chat API (its tokens are `prompt_token_ids`)
 
     @property
     def prompt_len(self) -> int:
@@ -95,6 +98,20 @@ def make_workload(cfg: WorkloadConfig, count: int, vocab: Sequence[int]) -> list
         n_out = rng.randint(cfg.output_len.min, cfg.output_len.max)
         tokens = tuple(rng.choice(vocab) for _ in range(n_prompt))
         out.append(BenchRequest(i, tokens, n_out))
+    return out
+
+
+def with_fresh_words(
+    requests: Sequence[BenchRequest], vocab: Sequence[int], seed: int, decode: Callable[[list[int]], str] | None = None
+) -> list[BenchRequest]:
+    """The same prompt and output lengths with other words (seeded): what one measurement sends.
+    `decode` (token ids -> text) fills `text` for the chat API."""
+    rng = random.Random(seed)
+    vocab = list(vocab)
+    out = []
+    for r in requests:
+        tokens = tuple(rng.choice(vocab) for _ in range(r.prompt_len))
+        out.append(BenchRequest(r.index, tokens, r.output_len, decode(list(tokens)).strip() if decode else ""))
     return out
 
 

@@ -26,6 +26,15 @@ class LayerProjection:
         return out
 
 
+def from_sums(
+    prompt_last: float | None, total: float, count: int, before: LayerProjection | None = None
+) -> LayerProjection:
+    """From what the device accumulated: the last prompt token's value and the sum over the
+    `count` generated tokens fed back (no per-token values)."""
+    assert prompt_last is not None
+    return LayerProjection(prompt_last, total / count if count else None, [], before)
+
+
 def summarize(values: list[float], before: list[float] | None = None) -> LayerProjection:
     """`values[0]` is the last prompt token; the rest are the generated tokens fed back."""
     response = values[1:]

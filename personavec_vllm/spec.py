@@ -60,6 +60,9 @@ class PersonaSpec:
     versions: tuple[tuple[str, str], ...] = ()
     # The vectors themselves, as resolved in this process (not sent to the worker).
     vectors: Mapping[str, PersonaVector] = field(default_factory=dict, compare=False, repr=False)
+    # Monitoring is summed on the device and reported once, when the request ends (the HTTP
+    # server, unless the client asked for per-token values); else values come every step.
+    summed: bool = False
 
     @property
     def is_empty(self) -> bool:
@@ -74,6 +77,7 @@ class PersonaSpec:
             out["persona_monitor"] = {
                 "vectors": {t.vector: list(t.layers) for t in self.monitor},
                 "per_token": self.per_token,
+                "summed": self.summed,
             }
         return out
 
@@ -91,7 +95,12 @@ class PersonaSpec:
             )
             versions = tuple((str(k), str(v)) for k, v in data.get("vector_versions", {}).items())
             spec = cls(
-                steer, monitor, bool(monitor_data.get("per_token", False)), str(data.get("request_key", "")), versions
+                steer,
+                monitor,
+                bool(monitor_data.get("per_token", False)),
+                str(data.get("request_key", "")),
+                versions,
+                summed=bool(monitor_data.get("summed", False)),
             )
         except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as exc:
             raise PersonaSpecError("personavec", "internal_field", f"malformed resolved spec ({exc!r})") from None

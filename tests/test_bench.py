@@ -322,3 +322,11 @@ def test_benchmark_smoke(tmp_path, tiny_llama):
     for png in ("serving_throughput.png", "serving_latency.png"):
         assert (out / png).stat().st_size > 1000
     assert "ignores persona fields" in md and "changes the greedy output" in md
+
+
+def test_op_micro_benchmark_runs_every_load():
+    from personavec_vllm.bench import op_micro
+
+    res = op_micro.measure(hidden=64, intermediate=128, tokens=8, vectors=2, repeats=2, device="cpu")
+    assert res["layer_matmuls_s"] > 0 and len(res["loads"]) == 4
+    assert all(row["op_s"] > 0 and row["op_over_layer_matmuls"] > 0 for row in res["loads"].values())

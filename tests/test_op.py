@@ -110,3 +110,69 @@ def test_each_op_against_a_direct_computation(tables, monkeypatch):
     torch.testing.assert_close(tables.proj_before[2, :T, col["a"]], (hidden + residual) @ unit)
     tables.release("r")
     assert tables.coef.abs().sum() == 0 and torch.isinf(tables.lo[:, 1:]).all() and tables.gate_local.abs().sum() == 0
+
+
+def test_summed_monitoring_adds_each_position_once(tables, monkeypatch):
+    """Sums on the device equal the per-token values summed on the host: over chunked prefill,
+    decode steps, and a recompute after preemption (positions seen before add nothing), for a
+    monitor-only request and one that also steers at the monitored layer (`before` too)."""
+    import dataclasses
+
+    monitor = {"vectors": ["a", "b"], "layers": [2]}
+    plain = dataclasses.replace(parse_spec(None, monitor, tables.library), summed=True)
+    steered = dataclasses.replace(
+        parse_spec([{"vector": "c", "coeff": 3.0, "layers": [2], "positions": "all"}], monitor, tables.library),
+        summed=True,
+    )
+    states = [tables.admit(key, spec, {"r1", "r2"}) for key, spec in (("r1", plain), ("r2", steered))]
+    num_prompt = 6
+    # per step: (first position, count) of r1 and of r2, batched one after the other
+    # chunked prefill, decode, then a recompute after preemption (0..5 and 6..8: only 8 is new)
+    steps = [(0, 4), (4, 2), (6, 1), (7, 1), (0, 6), (6, 3), (9, 1)]
+    expected = {(s.spec.request_key, c, k): [] for s in states for c in ("a", "b") for k in ("after", "before")}
+    gen = torch.Generator().manual_seed(1)
+    for graph in (False, True):
+        for state in states:  # a fresh start for the second pass (the graph path)
+            state.summed_upto = 0
+        tables.sums.zero_()
+        tables.sums_before.zero_()
+        for lst in expected.values():
+            lst.clear()
+        for first, count in steps:
+            spans = [(TokenSpan(i * count, count, first, num_prompt), state) for i, state in enumerate(states)]
+            seen = [state.summed_upto for state in states]
+            n = 2 * count
+            tables.set_token_rows([(spans[1][0], states[1].slot)], n)
+            tables.set_acc_rows(spans, n)
+            tables.set_active_layers({2}, {2})
+            hidden, residual = torch.randn(n, H, generator=gen), torch.randn(n, H, generator=gen)
+            _run(tables, hidden, residual, graph, monkeypatch)
+            for (span, state), done in zip(spans, seen):
+                for pos in range(max(first, num_prompt - 1, done), first + count):
+                    t = span.start + pos - first
+                    for vector, layer, col in state.monitor:
+                        after, before = tables.proj[layer, t, col].item(), tables.proj_before[layer, t, col].item()
+                        expected[(state.spec.request_key, vector, "after")].append(after)
+                        expected[(state.spec.request_key, vector, "before")].append(before)
+        for state in states:
+            sums = tables.read_sums(state)
+            for vector in ("a", "b"):
+                after = expected[(state.spec.request_key, vector, "after")]
+                assert len(after) == 10 - (num_prompt - 1)  # last prompt token + 4 generated, once each
+                last, total, count = sums[(vector, 2)]
+                assert count == 4 and last == pytest.approx(after[0], abs=1e-5)
+                assert total == pytest.approx(sum(after[1:]), abs=1e-4)
+                if state.spec.steer:
+                    before = expected[(state.spec.request_key, vector, "before")]
+                    last_b, total_b, _ = sums[(vector, -2)]
+                    assert last_b == pytest.approx(before[0], abs=1e-5) and total_b == pytest.approx(
+                        sum(before[1:]), abs=1e-4
+                    )
+                    assert abs(total_b - total) > 1e-3  # steering at that layer moved it
+                else:
+                    assert (vector, -2) not in sums
+    slots = [s.acc_slot for s in states]
+    for key in ("r1", "r2"):
+        tables.release(key)
+    assert sorted(slots) == sorted(tables._free_acc_slots[-2:])
+    assert not tables.sums.any() and not tables.sums_before.any()

@@ -50,6 +50,7 @@ BENCH_ADMIN_KEY = "personavec-bench-admin"  # scenario 5d changes the server pol
 
 class Bench:
     worker_threads: int | None = None  # read from the server log once the first server started
+    kv_tokens = 0  # the KV cache's size in tokens, from the server log
 
     def __init__(self, args: argparse.Namespace, command: str):
         self.args = args
@@ -201,6 +202,8 @@ class Bench:
             text = log_path.read_text(errors="replace")
         except OSError:
             return
+        kv = re.search(r"KV cache size: ([0-9,]+) tokens", text)
+        self.kv_tokens = int(kv.group(1).replace(",", "")) if kv else 0
         cores = re.search(r"local_rank=0, core ids=\[([0-9, ]*)\]", text)
         reserved = re.search(r"reserved_cpus=\[([0-9, ]*)\]", text)
         if cores:
@@ -264,15 +267,22 @@ class Bench:
         )
 
     def warm_up(self, base: str, keys: list[str], plugin: bool) -> None:
-        """Untimed: a few short requests at the largest concurrency with every scenario's specs
-        (the first use of every vector loads it into the engine's tables)."""
+        """Untimed, so that no measurement pays for a server's first times: (1) as many requests
+        as the largest concurrency, all at once and long enough that every decode batch size up to
+        it runs, with every scenario's specs among them (the first use of each vector loads it into
+        the engine's tables); (2) prompts that together fill the KV cache once (the first write to
+        each of its pages is a page fault, which the first measurement would pay for otherwise)."""
+        import math
         from dataclasses import replace
 
         from personavec_vllm.bench.client import run_level
         from personavec_vllm.bench.scenarios import persona_fields
+        from personavec_vllm.bench.workload import BenchRequest, with_fresh_words
 
         c = max(self.levels)
-        reqs = [replace(r, output_len=4) for r in self.words_for(-1, -1)[: max(16, len(self.vectors.names))]]
+        words = self.words_for(-1, -1)
+        count = max(c, 16, len(self.vectors.names))
+        reqs = [replace(words[i % len(words)], index=i, output_len=8) for i in range(count)]
         names = self.vectors.names
 
         def extra_of(i: int) -> dict:
@@ -282,6 +292,12 @@ class Bench:
 
         log(f"warm-up (untimed): {len(reqs)} requests at concurrency {c}")
         run_level(base, SERVED_NAME, "warmup", c, reqs, extra_of, lambda p, i: None, **self.protocol)
+        if self.kv_tokens:
+            longest = self.args.prompt_len.max
+            shapes = [BenchRequest(i, (0,) * longest, 1) for i in range(math.ceil(self.kv_tokens / longest) + 1)]
+            fill = with_fresh_words(shapes, self.vocab, self.args.seed + 7, lambda ids: str(self.tokenizer.decode(ids)))
+            log(f"warm-up (untimed): {len(fill)} prompts of {longest} tokens, the KV cache ({self.kv_tokens} tokens) once")
+            run_level(base, SERVED_NAME, "warmup", c, fill, lambda i: {}, lambda p, i: None, **self.protocol)
 
     @property
     def protocol(self) -> dict:

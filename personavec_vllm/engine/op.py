@@ -10,7 +10,8 @@
    from the projection after step 1);
 3. gates of this layer are decided from the projection before steps 1-2, at each gated request's
    last prompt token (terms of later layers see the decision in the same pass);
-4. projections are written: `proj` after steps 1-2, `proj_before` before them.
+4. projections are written: `proj` after steps 1-2, `proj_before` before them, and added to the
+   accumulator rows of summed monitored requests (`sums`, `sums_before`).
 
 Terms that depend on a gate are multiplied by the gate's state (0 until it opens).
 
@@ -96,6 +97,10 @@ def steer_and_capture(hidden: torch.Tensor, residual: torch.Tensor, layer: int) 
             torch.matmul(hidden.float() + residual.float(), unit.T, out=tables.proj[layer, :n, :k])
         else:
             tables.proj[layer, :n, :k] = before
+        if graph or tables.accumulate:  # each summed request's rows, on the device
+            rows, weight = tables.acc_row[:n], tables.acc_weight[:n, None]
+            tables.sums[layer, :, :k].index_add_(0, rows, tables.proj[layer, :n, :k] * weight)
+            tables.sums_before[layer, :, :k].index_add_(0, rows, before * weight)
 
 
 def _decide_gates(tables: SteeringTables, stream: torch.Tensor, layer: int) -> None:

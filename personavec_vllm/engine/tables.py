@@ -21,7 +21,13 @@ torch.compile and CUDA graphs see one fixed graph (the LoRA `token_lora_indices`
   `last_tok[s]` (the slot's last prompt token when it is in the batch, else -1).
 - `token_row[t]` the row of batch token `t`.
 - `proj[L, t, c]` projection of token `t`'s residual stream on column `c` after layer `L`, after
-  our terms at that layer; `proj_before[L, t, c]` the same before them.
+  our terms at that layer; `proj_before[L, t, c]` the same before them. Read back every step only
+  for requests that asked for per-token values (and offline).
+- `sums[L, a, c]`, `sums_before[L, a, c]`: monitoring accumulated on the device. A monitored
+  request owns two accumulator rows (`1 + 2*acc_slot`: its last prompt token, `+1`: the sum over
+  its generated tokens fed back); `acc_row[t]` / `acc_weight[t]` say where token `t` adds (row 0,
+  weight 0: nowhere). Each position is added once (a recomputed one, after preemption, weighs 0),
+  and the rows are copied to the host once, when the request leaves the engine.
 """
 
 from __future__ import annotations
@@ -86,6 +92,9 @@ class ActiveRequest:
     gated_layers: frozenset[int] = frozenset()  # layers with terms that depend on a gate
     gates: tuple[Gate, ...] = ()  # the request's conditions, gate g + 1 of its slot
     gates_reported: bool = False
+    acc_slot: int | None = None  # owns accumulator rows 1 + 2*acc_slot (+1) when monitoring is summed
+    summed_upto: int = 0  # positions below this are in its sums
+    num_prompt: int = 0
 
 
 class SteeringTables:
@@ -128,6 +137,15 @@ class SteeringTables:
         self.token_row = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
         self.proj = torch.zeros(n_layers, max_tokens, max_columns, dtype=f32, device=dev)
         self.proj_before = torch.zeros(n_layers, max_tokens, max_columns, dtype=f32, device=dev)
+        self.sums = torch.zeros(n_layers, 1 + 2 * max_slots, max_columns, dtype=f32, device=dev)
+        self.sums_before = torch.zeros(n_layers, 1 + 2 * max_slots, max_columns, dtype=f32, device=dev)
+        self.acc_row = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
+        self.acc_weight = torch.zeros(max_tokens, dtype=f32, device=dev)
+        self._acc_row_host = np.zeros(max_tokens, dtype=np.int64)
+        self._acc_weight_host = np.zeros(max_tokens, dtype=np.float32)
+        self._acc_high = 0  # acc_weight[_acc_high:] is known to be zero
+        self.accumulate = False  # host switch: some token of this step adds to the sums
+        self._free_acc_slots = list(range(max_slots - 1, -1, -1))
         self._token_row_host = np.zeros(max_tokens, dtype=np.int64)
         self._rows_high = 0  # token_row[_rows_high:] is known to be zero
         # Host-side switches read by the op outside CUDA-graph capture: skip idle layers.
@@ -216,6 +234,13 @@ class SteeringTables:
                 self._hold(col)
                 held.append(col)
             slot = self._take_slot(req_id, batch_req_ids) if spec.steer else None
+            acc_slot = None
+            if spec.monitor and spec.summed:
+                if not self._free_acc_slots:
+                    if slot is not None:
+                        self._clear_slot(slot)
+                    raise TableFull(f"more than {self.max_slots} monitored requests in the engine")
+                acc_slot = self._free_acc_slots.pop()
         except BaseException:
             for col in held:
                 self._unhold(col)
@@ -259,6 +284,7 @@ class SteeringTables:
             frozenset(cap_layers),
             frozenset(gated_layers),
             gates,
+            acc_slot=acc_slot,
         )
         self.requests[req_id] = state
         return state
@@ -268,9 +294,33 @@ class SteeringTables:
         if state is not None:
             if state.slot is not None:
                 self._clear_slot(state.slot)
+            if state.acc_slot is not None:
+                rows = slice(1 + 2 * state.acc_slot, 3 + 2 * state.acc_slot)
+                self.sums[:, rows].zero_()
+                self.sums_before[:, rows].zero_()
+                self._free_acc_slots.append(state.acc_slot)
             for col in state.columns:
                 self._unhold(col)
         return state
+
+    def read_sums(self, state: ActiveRequest) -> dict[tuple[str, int], tuple[float | None, float, int]]:
+        """A summed request's monitoring: `{(vector, layer): (last prompt token, sum over generated
+        tokens, how many)}`, and `(vector, -layer)` the same before its own terms where it steers
+        at that layer. One device-to-host copy of its two accumulator rows."""
+        assert state.acc_slot is not None
+        rows = slice(1 + 2 * state.acc_slot, 3 + 2 * state.acc_slot)
+        after, before = torch.stack((self.sums[:, rows], self.sums_before[:, rows])).cpu().numpy()
+        seen_last = state.summed_upto >= state.num_prompt > 0
+        count = max(state.summed_upto - state.num_prompt, 0)
+        steered = state.steer_layers | state.cap_layers
+        out: dict[tuple[str, int], tuple[float | None, float, int]] = {}
+        for vector, layer, col in state.monitor:
+            for key, table in (((vector, layer), after), ((vector, -layer), before)):
+                if key[1] < 0 and layer not in steered:
+                    continue
+                last = float(table[layer, 0, col]) if seen_last else None
+                out[key] = (last, float(table[layer, 1, col]), count)
+        return out
 
     def _take_slot(self, req_id: str, batch_req_ids: set[str]) -> int:
         if not self._free_slots:
@@ -313,6 +363,38 @@ class SteeringTables:
         if self._rows_high > num_tokens:  # rows a longer earlier batch left behind
             self.token_row[num_tokens : self._rows_high].zero_()
         self._rows_high = num_tokens
+
+    def set_acc_rows(self, spans: list[tuple[TokenSpan, ActiveRequest]], num_tokens: int) -> None:
+        """`spans`: (the tokens, the request) of each summed monitored request in the batch. A
+        token adds to its request's rows only at a position not summed before: its last prompt
+        token, or a generated one fed back."""
+        rows, weights = self._acc_row_host, self._acc_weight_host
+        active = False
+        for span, state in spans:
+            base = 1 + 2 * state.acc_slot  # type: ignore[operator]
+            lo = max(span.num_prompt - 1, state.summed_upto)  # first position still to add
+            first = max(span.first, lo)
+            end = span.first + span.count
+            if first < end:
+                if not active:
+                    rows[:num_tokens] = 0
+                    weights[:num_tokens] = 0.0
+                    active = True
+                pos = np.arange(first, end)
+                at = slice(span.start + first - span.first, span.start + span.count)
+                rows[at] = base + (pos >= span.num_prompt)
+                weights[at] = 1.0
+            state.num_prompt = span.num_prompt
+            state.summed_upto = max(state.summed_upto, end)
+        if active:
+            self.acc_row[:num_tokens].copy_(torch.from_numpy(rows[:num_tokens]), non_blocking=True)
+            self.acc_weight[:num_tokens].copy_(torch.from_numpy(weights[:num_tokens]), non_blocking=True)
+        else:
+            num_tokens = 0
+        if self._acc_high > num_tokens:  # weights a longer earlier batch left behind
+            self.acc_weight[num_tokens : self._acc_high].zero_()
+        self._acc_high = num_tokens
+        self.accumulate = active
 
     def set_gate_tokens(self, tokens: list[tuple[int, int]]) -> None:
         """`(slot, batch index of its last prompt token)` of the gated requests that decide their

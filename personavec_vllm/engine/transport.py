@@ -1,10 +1,11 @@
 """Projections from the worker back to the front end, over a local ZMQ socket.
 
-vLLM's `RequestOutput` has no free-form field for worker data, so the worker pushes, after
-every forward that touched a monitored request, the projections of that request's response
-positions (keyed by the request's `request_key`). The front end pulls them into a
-`ProjectionSink`; when vLLM hands back the finished output, `collect` waits until every
-position the request generated is there.
+vLLM's `RequestOutput` has no free-form field for worker data, so the worker pushes what it
+has (keyed by the request's `request_key`): for a summed request (the HTTP server's default),
+its sums once, with the message that it left the engine; for one that asked for per-token
+values (and offline), the projections of its response positions after every forward that
+touched it. The front end pulls them into a `ProjectionSink`; when vLLM hands back the finished
+output, `collect` waits until the request's projections are complete.
 
 Relative positions: 0 is the last prompt token, `i` is the hidden state from which output
 token `i` was sampled. The final output token is never fed back, so a request that generated
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from personavec_vllm.results import LayerProjection, summarize
+from personavec_vllm.results import LayerProjection, from_sums, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class Message:
       not serve: they run unsteered until the front end aborts them, and must be answered with
       an error;
     - `gates`: `(request_key, [opened?])`: the decision of each of a request's conditions;
+    - `sums`: `(request_key, {(vector, layer): (last prompt token, sum over generated tokens, how
+      many)})` of summed requests, sent with their `done`;
     - `done`: keys of persona requests that left the engine (finished or aborted): nothing more
       will come for them.
 
@@ -54,9 +57,10 @@ class Message:
     admitted: list[str] = field(default_factory=list)
     failed: list[tuple[str, str, str]] = field(default_factory=list)
     gates: list[tuple[str, list[bool]]] = field(default_factory=list)
+    sums: list[tuple[str, dict[tuple[str, int], tuple[float | None, float, int]]]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.values or self.done or self.admitted or self.failed or self.gates)
+        return bool(self.values or self.done or self.admitted or self.failed or self.gates or self.sums)
 
 
 class PersonaRequestFailed(RuntimeError):
@@ -118,6 +122,9 @@ class ResultRouter:
         for decision in message.gates:
             if (out := part(decision[0])) is not None:
                 out.gates.append(decision)
+        for summed in message.sums:
+            if (out := part(summed[0])) is not None:
+                out.sums.append(summed)
         for key in message.done:  # nothing more comes for these requests
             if (out := part(key)) is not None:
                 out.done.append(key)
@@ -135,6 +142,7 @@ class _Pending:
 
     expected: list[tuple[str, int]] = field(default_factory=list)  # monitored (vector, layer) series
     values: dict[tuple[str, int], dict[int, float]] = field(default_factory=dict)
+    sums: dict[tuple[str, int], tuple[float | None, float, int]] | None = None  # a summed request's
     held: bool = False  # someone will `discard` it; otherwise it goes when the request is done
     admitted: bool = False
     gates: list[bool] | None = None  # the decision of each of the request's conditions
@@ -152,6 +160,28 @@ class _Pending:
 def _resolve(future) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def _from_values(
+    values: dict[tuple[str, int], dict[int, float]], vector: str, layer: int, num_generated: int | None
+) -> LayerProjection:
+    series = values.get((vector, layer), {})
+    count = max(num_generated, 1) if num_generated is not None else len(series)
+    got = [series[i] for i in range(count) if i in series]
+    if len(got) != count or not got:
+        raise RuntimeError(f"personavec: projections of {vector}@{layer} have gaps ({len(got)} of {count} positions)")
+    prior = values.get((vector, -layer))
+    before = [prior[i] for i in range(count) if i in prior] if prior else None
+    return summarize(got, before if before and len(before) == count else None)
+
+
+def _from_sums(
+    sums: dict[tuple[str, int], tuple[float | None, float, int]], vector: str, layer: int
+) -> LayerProjection:
+    if (vector, layer) not in sums or sums[(vector, layer)][0] is None:
+        raise RuntimeError(f"personavec: no projections of {vector}@{layer} (the prompt's last token never ran)")
+    before = sums.get((vector, -layer))
+    return from_sums(*sums[(vector, layer)], before=from_sums(*before) if before and before[0] is not None else None)
 
 
 class ProjectionSink:
@@ -218,6 +248,9 @@ class ProjectionSink:
                 slots = pending.values.setdefault(name, {})
                 for offset, value in enumerate(values):
                     slots[start + offset] = value
+        for key, sums in message.sums:
+            pending = touched[key] = self._pending.setdefault(key, _Pending())
+            pending.sums = sums
         for key in message.admitted:
             pending = touched[key] = self._pending.setdefault(key, _Pending())
             pending.admitted = True
@@ -356,16 +389,11 @@ class ProjectionSink:
     def _summarize(pending: _Pending, num_generated: int | None) -> dict[str, dict[int, LayerProjection]]:
         out: dict[str, dict[int, LayerProjection]] = {}
         for vector, layer in pending.expected:
-            series = pending.values.get((vector, layer), {})
-            count = max(num_generated, 1) if num_generated is not None else len(series)
-            values = [series[i] for i in range(count) if i in series]
-            if len(values) != count or not values:
-                raise RuntimeError(
-                    f"personavec: projections of {vector}@{layer} have gaps ({len(values)} of {count} positions)"
-                )
-            prior = pending.values.get((vector, -layer))
-            before = [prior[i] for i in range(count) if i in prior] if prior else None
-            out.setdefault(vector, {})[layer] = summarize(values, before if before and len(before) == count else None)
+            if pending.sums is not None:
+                projection = _from_sums(pending.sums, vector, layer)
+            else:
+                projection = _from_values(pending.values, vector, layer, num_generated)
+            out.setdefault(vector, {})[layer] = projection
         return out
 
     @staticmethod

@@ -3,8 +3,10 @@
 Nothing in the forward pass says which token belongs to which request; the runner knows. Per
 step, after `_prepare_inputs` has laid out the batch, we map each token of a persona request
 to its table row (by its position: prompt / last prompt token / generated) and switch on the
-layers that have work. After `_model_forward`, we read back the projections of monitored
-requests and push them to the front end.
+layers that have work. Monitoring is summed on the device (the op adds each monitored token's
+projection to its request's accumulator rows); when a request leaves the engine, its sums are
+copied to the host once and pushed to the front end. Only requests that asked for per-token
+values (and the offline API) have their projections read back after every `_model_forward`.
 
 Hooked (listed and checked at start-up in `_compat`): `GPUModelRunner.load_model`,
 `_update_states`, `_prepare_inputs`, `_model_forward` (the CPU runner inherits the last three).
@@ -57,6 +59,7 @@ class StepPlan:
     """What the current step's forward must do for persona requests, and what to report."""
 
     __slots__ = ("deciding", "monitors", "num_tokens", "report")
+    # `monitors`: requests with per-token values; summed ones need nothing after the forward
 
     def __init__(
         self,
@@ -121,13 +124,26 @@ def _admit(runner, tables: SteeringTables, req_id: str, batch_ids: set[str], rep
     try:
         state = tables.admit(req_id, _spec_of(extra), batch_ids)
     except Exception as exc:
-        logger.error("personavec: request %s cannot be steered or monitored: %s", req_id, exc)
-        tables.requests[req_id] = None  # runs plain until the front end aborts it
-        report.failed.append((key, req_id, f"personavec: the worker could not serve this request: {exc}"))
+        _fail(runner, tables, req_id, report, str(exc))
         return None
     if state is not None:
         report.admitted.append(key)
     return state
+
+
+def _fail(runner, tables: SteeringTables, req_id: str, report: Message, reason: str) -> None:
+    """The request runs plain from now on, until the front end that took it aborts it."""
+    logger.error("personavec: request %s cannot be steered or monitored: %s", req_id, reason)
+    tables.release(req_id)
+    tables.requests[req_id] = None
+    key = _request_key(_extra_args(runner.requests[req_id]), req_id)
+    report.failed.append((key, req_id, f"personavec: the worker could not serve this request: {reason}"))
+
+
+def _lost_sums(state: ActiveRequest, span: TokenSpan) -> bool:
+    """A summed request admitted past its last prompt token: it was reclaimed while preempted
+    (its sums with it) and resumes from the prefix cache, so earlier positions will not come again."""
+    return state.acc_slot is not None and span.first > span.num_prompt - 1
 
 
 def plan_step(runner, num_scheduled_tokens) -> StepPlan | None:
@@ -137,6 +153,7 @@ def plan_step(runner, num_scheduled_tokens) -> StepPlan | None:
     batch = runner.input_batch
     req_ids = batch.req_ids[: batch.num_reqs]
     spans: list[tuple[TokenSpan, int]] = []
+    summed: list[tuple[TokenSpan, ActiveRequest]] = []
     monitors: list[tuple[ActiveRequest, TokenSpan]] = []
     steer_layers: set[int] = set()
     cap_layers: set[int] = set()
@@ -150,13 +167,18 @@ def plan_step(runner, num_scheduled_tokens) -> StepPlan | None:
     start = 0
     for i, req_id in enumerate(req_ids):
         count = int(num_scheduled_tokens[i])
-        if req_id in tables.requests:
-            state = tables.requests[req_id]
-        else:
+        new = req_id not in tables.requests
+        if new:
             batch_ids = batch_ids or set(req_ids)
             state = _admit(runner, tables, req_id, batch_ids, report)
+        else:
+            state = tables.requests[req_id]
         if state is not None:
             span = TokenSpan(start, count, int(batch.num_computed_tokens_cpu[i]), int(batch.num_prompt_tokens[i]))
+            if new and _lost_sums(state, span):
+                _fail(runner, tables, req_id, report, "its projections were lost when it was preempted; retry it")
+                start += count
+                continue
             if state.slot is not None:
                 spans.append((span, state.slot))
                 steer_layers |= state.steer_layers
@@ -167,10 +189,14 @@ def plan_step(runner, num_scheduled_tokens) -> StepPlan | None:
                     gate_layers.update(g.layer for g in state.gates)
                     deciding.append(state)
             if state.monitor and span.reaches_last_prompt_token:
-                monitors.append((state, span))
+                if state.acc_slot is not None:
+                    summed.append((span, state))
+                else:
+                    monitors.append((state, span))
                 capture_layers.update(layer for _, layer, _ in state.monitor)
         start += count
     tables.set_token_rows(spans, start)
+    tables.set_acc_rows(summed, start)
     tables.set_gate_tokens(gate_tokens)
     tables.set_active_layers(steer_layers, capture_layers, cap_layers, gated_layers, gate_layers)
     return StepPlan(start, monitors, report, deciding) if monitors or report or deciding else None
@@ -236,9 +262,12 @@ def install_runner_hooks() -> None:
     def _update_states(self, scheduler_output):
         tables = op.TABLES
         if tables is not None and scheduler_output.finished_req_ids:
-            done = []
+            done, sums = [], []
             for req_id in scheduler_output.finished_req_ids:
                 known = req_id in tables.requests
+                state = tables.requests.get(req_id)
+                if state is not None and state.acc_slot is not None:  # its monitoring, copied once
+                    sums.append((state.spec.request_key, tables.read_sums(state)))
                 state = tables.release(req_id)
                 if state is not None:
                     done.append(state.spec.request_key)
@@ -246,7 +275,7 @@ def install_runner_hooks() -> None:
                     key = _request_key(_extra_args(self.requests.get(req_id)), req_id)
                     done.append(key)
             if done and self._personavec_publisher is not None:
-                self._personavec_publisher.send(Message(done=done))
+                self._personavec_publisher.send(Message(done=done, sums=sums))
         return orig_update(self, scheduler_output)
 
     @functools.wraps(orig_prepare)

@@ -296,7 +296,9 @@ class Bench:
             longest = self.args.prompt_len.max
             shapes = [BenchRequest(i, (0,) * longest, 1) for i in range(math.ceil(self.kv_tokens / longest) + 1)]
             fill = with_fresh_words(shapes, self.vocab, self.args.seed + 7, lambda ids: str(self.tokenizer.decode(ids)))
-            log(f"warm-up (untimed): {len(fill)} prompts of {longest} tokens, the KV cache ({self.kv_tokens} tokens) once")
+            log(
+                f"warm-up (untimed): {len(fill)} prompts of {longest} tokens, the KV cache ({self.kv_tokens} tokens) once"
+            )
             run_level(base, SERVED_NAME, "warmup", c, fill, lambda i: {}, lambda p, i: None, **self.protocol)
 
     @property

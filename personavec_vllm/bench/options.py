@@ -80,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=_scenario_list,
         default=None,
         help="comma-separated subset, by number or key (default: all): "
-        "1,1',2,3,4,5a,5b,6a,6b; scenario 1 is always run as the baseline",
+        "1,2,3,4,5a,5b,5c,5d,6a,6b; scenario 1 is always run as the baseline",
     )
     p.add_argument(
         "--passes",

@@ -92,7 +92,7 @@ def measure(hidden: int, intermediate: int, tokens: int, vectors: int, repeats: 
         torch.ops.personavec.steer_and_capture(h, r, layer)
 
     # one request per token: a decode batch of `tokens` sequences
-    spans, states = [], []
+    spans: list[tuple[TokenSpan, int]] = []
     for i in range(tokens):
         spec = parse_spec(
             [{"vector": names[i % vectors], "coeff": 0.5 + 0.01 * i, "layers": [layer], "positions": "all"}],
@@ -100,7 +100,7 @@ def measure(hidden: int, intermediate: int, tokens: int, vectors: int, repeats: 
             library,
         )
         state = tables.admit(f"r{i}", spec, {f"r{i}" for i in range(tokens)})
-        states.append(state)
+        assert state is not None and state.slot is not None
         spans.append((TokenSpan(i, 1, 100, 50), state.slot))
     tables.set_token_rows(spans, tokens)
     loads = {
@@ -110,18 +110,20 @@ def measure(hidden: int, intermediate: int, tokens: int, vectors: int, repeats: 
         "steered and monitored": ({layer}, {layer}),
     }
     old, op.TABLES = op.TABLES, tables
-    results = {"device": str(dev), "hidden": hidden, "intermediate": intermediate, "tokens": tokens, "loads": {}}
+    loads_out: dict[str, dict[str, float]] = {}
+    results: dict = {"device": str(dev), "hidden": hidden, "intermediate": intermediate, "tokens": tokens}
+    results["loads"] = loads_out
     try:
         graph = dev.type == "cuda"
-        base = _timer(dev, matmuls, repeats, graph)
-        results["layer_matmuls_s"] = statistics.median(base)
+        layer_s = statistics.median(_timer(dev, matmuls, repeats, graph))
+        results["layer_matmuls_s"] = layer_s
         for name, (steer, capture) in loads.items():
             tables.set_active_layers(steer, capture)
             # a captured graph always runs the full op (the host switches are not read in replay)
             samples = _timer(dev, op_call, repeats, graph and name != "idle (no persona request)")
-            results["loads"][name] = {
+            loads_out[name] = {
                 "op_s": statistics.median(samples),
-                "op_over_layer_matmuls": statistics.median(samples) / results["layer_matmuls_s"],
+                "op_over_layer_matmuls": statistics.median(samples) / layer_s,
             }
     finally:
         op.TABLES = old

@@ -35,7 +35,6 @@ from personavec_vllm.bench.setup import (
     CpuMeter,
     Progress,
     _complete,
-    default_hf_threads,
     load_vectors,
     log,
     machine_description,
@@ -51,6 +50,7 @@ BENCH_ADMIN_KEY = "personavec-bench-admin"  # scenario 5d changes the server pol
 class Bench:
     worker_threads: int | None = None  # read from the server log once the first server started
     kv_tokens = 0  # the KV cache's size in tokens, from the server log
+    hf_threads: int  # set when the HF reference runs
 
     def __init__(self, args: argparse.Namespace, command: str):
         self.args = args
@@ -376,88 +376,9 @@ class Bench:
     # HF reference -------------------------------------------------------------------------
 
     def run_hf(self, keys: list[str]) -> None:
-        from personavec_vllm.bench.hf_reference import HFReference, one_per_batch, same_spec_batches
-        from personavec_vllm.bench.report import RequestResult, closed_loop_times, summarize
-        from personavec_vllm.bench.scenarios import hf_terms, label
+        from personavec_vllm.bench.hf_run import run_hf
 
-        files: dict[str, str | Path] = {
-            n: Path(self.vectors.directory) / f"{n}.safetensors" for n in self.vectors.names
-        }
-        log("HF reference: loading the model")
-        # as many threads as vLLM's CPU worker computes with, unless told otherwise
-        self.hf_threads = self.args.hf_threads or self.worker_threads or default_hf_threads()
-        log(f"HF reference: {self.hf_threads} torch thread(s)")
-        ref = HFReference(self.model, files, threads=self.hf_threads)
-        ref.generate_batch(self.workload[:2], hf_terms("hf_same", 0, self.vectors))  # warm-up
-
-        def rows(key, c, reqs, measured):
-            out = []
-            for req, (submit, first, end) in zip(reqs, closed_loop_times(measured, c)):
-                out.append(
-                    RequestResult(
-                        key, c, req.index, req.prompt_len, req.output_len, req.output_len, submit, first, end, "", -1
-                    )
-                )
-            return out
-
-        def report(key, c, res):
-            s = summarize(res)
-            log(
-                f"{label(key):<28} c={c:<3} {s.tok_per_s:8.1f} tok/s  latency p50 {s.latency_p50:6.2f} s  "
-                f"p99 {s.latency_p99:6.2f} s  TTFT p50 {s.ttft_p50:6.2f} s  "
-                f"other CPU {self.other_cpu.get((key, c, -1), math.nan):4.2f} cores"
-            )
-
-        if "hf_same" in keys:
-            for c in self.levels:
-                reqs = self.workload[: self.per_level[c]]
-                bar = Progress(len(reqs), f"{label('hf_same')} c={c}", not self.args.no_progress)
-                meter = CpuMeter()
-                measured = ref.run(
-                    reqs, same_spec_batches(len(reqs), c), lambda i: hf_terms("hf_same", i, self.vectors), bar
-                )
-                bar.close()
-                self.other_cpu[("hf_same", c, -1)] = meter.stop()
-                res = rows("hf_same", c, reqs, measured)
-                self.results.extend(res)
-                report("hf_same", c, res)
-        if "hf_distinct" in keys:
-            # Every request is its own batch whatever the concurrency, so the execution is the
-            # same at every level: run it once over the longest level's requests and derive each
-            # level's latencies with that level's closed loop (queueing included).
-            n = max(self.per_level.values())
-            if self.args.hf_distinct_requests:
-                n = min(n, self.args.hf_distinct_requests)
-            reqs = self.workload[:n]
-            bar = Progress(n, f"{label('hf_distinct')} (all levels)", not self.args.no_progress)
-            meter = CpuMeter()
-            measured = ref.run(reqs, one_per_batch(n), lambda i: hf_terms("hf_distinct", i, self.vectors), bar)
-            bar.close()
-            other = meter.stop()
-            for c in self.levels:
-                self.other_cpu[("hf_distinct", c, -1)] = other
-                k = self.per_level[c]
-                res = rows("hf_distinct", c, reqs[:k], measured[:k])
-                self.results.extend(res)
-                report("hf_distinct", c, res)
-            self.notes.append(
-                f"6b runs one request per batch at every concurrency, so it was executed once ({n} requests "
-                "back to back) and each level's latencies follow from that level's closed loop of clients "
-                "(a request waits for the ones before it); a level uses the first min(its requests, "
-                f"{n}) of them"
-                + (
-                    ", so where that is no more than the concurrency, all are sent at once and "
-                    "the latencies are those of one burst"
-                    if n < max(self.levels)
-                    else ""
-                )
-            )
-        self.notes.append(
-            "6a/6b latencies: a closed loop of `concurrency` clients over the measured batch "
-            "timings (client k's next request is sent when its previous one ends); TTFT is when the "
-            "request's batch produced its first token; a batch runs until its longest output is done"
-        )
-        del ref
+        run_hf(self, keys)
 
     # ----------------------------------------------------------------------------------------
 

@@ -27,14 +27,13 @@ from its parent and, on exit, leave the parent's sink deaf).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from personavec_vllm import config
 from personavec_vllm.config import EXTRA_ARGS_KEY, REPLY_TO_KEY, RESOLVED_KEY, TICKET_KEY
@@ -237,7 +236,7 @@ def install_frontend_hooks() -> None:
             extra = {k: v for k, v in (sampling.extra_args or {}).items() if k not in (EXTRA_ARGS_KEY, TICKET_KEY)}
             sink = projection_sink()
             if SERVING_HTTP and spec.monitor and not spec.per_token:
-                spec = dataclasses.replace(spec, summed=True)  # one report per request, at its end
+                spec = replace(spec, summed=True)  # one report per request, at its end
             sampling.extra_args = {**extra, RESOLVED_KEY: spec.to_dict(), REPLY_TO_KEY: sink.address}
             sink.expect(
                 spec.request_key, [(t.vector, layer) for t in spec.monitor for layer in t.layers], held=SERVING_HTTP

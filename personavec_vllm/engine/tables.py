@@ -56,6 +56,11 @@ ROWS_PER_SLOT = 3
 GATES_PER_SLOT = 4  # distinct conditions (`when`) one request may use
 
 
+def _acc_rows(acc_slot: int) -> slice:
+    """The two accumulator rows of an accumulator slot: its last prompt token, then its sum."""
+    return slice(1 + 2 * acc_slot, 3 + 2 * acc_slot)
+
+
 class TableFull(RuntimeError):
     """Every vector column is held by a running request."""
 
@@ -295,7 +300,7 @@ class SteeringTables:
             if state.slot is not None:
                 self._clear_slot(state.slot)
             if state.acc_slot is not None:
-                rows = slice(1 + 2 * state.acc_slot, 3 + 2 * state.acc_slot)
+                rows = _acc_rows(state.acc_slot)
                 self.sums[:, rows].zero_()
                 self.sums_before[:, rows].zero_()
                 self._free_acc_slots.append(state.acc_slot)
@@ -308,7 +313,7 @@ class SteeringTables:
         tokens, how many)}`, and `(vector, -layer)` the same before its own terms where it steers
         at that layer. One device-to-host copy of its two accumulator rows."""
         assert state.acc_slot is not None
-        rows = slice(1 + 2 * state.acc_slot, 3 + 2 * state.acc_slot)
+        rows = _acc_rows(state.acc_slot)
         after, before = torch.stack((self.sums[:, rows], self.sums_before[:, rows])).cpu().numpy()
         seen_last = state.summed_upto >= state.num_prompt > 0
         count = max(state.summed_upto - state.num_prompt, 0)
@@ -371,7 +376,7 @@ class SteeringTables:
         rows, weights = self._acc_row_host, self._acc_weight_host
         active = False
         for span, state in spans:
-            base = 1 + 2 * state.acc_slot  # type: ignore[operator]
+            base = _acc_rows(state.acc_slot).start  # type: ignore[arg-type]
             lo = max(span.num_prompt - 1, state.summed_upto)  # first position still to add
             first = max(span.first, lo)
             end = span.first + span.count

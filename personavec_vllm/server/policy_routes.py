@@ -1,6 +1,11 @@
 """The policy routes: `GET /v1/persona/policy` (the policy in force, public: steering applied to
 everyone is disclosed) and `PUT /v1/persona/policy` (admin key; the body is the new policy, YAML
-or JSON). SIGHUP re-reads the `--policy` file. A new policy takes effect only once it validated."""
+or JSON). SIGHUP re-reads the `--policy` file. A new policy takes effect only once it validated.
+
+With several API server processes (`--api-server-count N`) each process holds its own copy of
+the policy, and a PUT or a signal would reach one of them: there, PUT is refused (409) and each
+process re-reads the `--policy` file when it changes (`policy_in_force`), so that one edit of the
+file reaches them all within a second."""
 
 from __future__ import annotations
 
@@ -10,21 +15,38 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from personavec_vllm.server.library_routes import admin_error, read_upload
-from personavec_vllm.server.policy import PolicyError
+from personavec_vllm.server.policy import Policy, PolicyError
 from personavec_vllm.server.state import PersonaServer, error_response, server_state
 
 logger = logging.getLogger(__name__)
 
 
+def policy_in_force(server: PersonaServer) -> Policy:
+    """The policy for the next request; with several API server processes, the `--policy` file
+    is re-read first if it changed."""
+    if server.api_processes > 1 and server.policy.file_changed():
+        _change(server, lambda: server.policy.reload_file(who="file change"))
+    return server.policy.current
+
+
 async def get_policy(raw_request: Request) -> JSONResponse:
     server = server_state(raw_request)
-    return JSONResponse({"policy": server.policy.current.summary(), "history": server.policy.history})
+    policy = policy_in_force(server)
+    return JSONResponse({"policy": policy.summary(), "history": server.policy.history})
 
 
 async def put_policy(raw_request: Request) -> Response:
     server = server_state(raw_request)
     if (denied := admin_error(raw_request, server)) is not None:
         return denied
+    if server.api_processes > 1:
+        return error_response(
+            409,
+            f"this server runs {server.api_processes} API server processes and a PUT reaches one of them; "
+            "change the policy by editing the --policy file, which every process re-reads within a second"
+            + ("" if server.policy.path else " (this server was started without --policy)"),
+            type_="ConflictError",
+        )
     data = await read_upload(raw_request, server.max_upload)
     if isinstance(data, JSONResponse):
         return data

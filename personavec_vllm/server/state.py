@@ -40,8 +40,17 @@ class PersonaServer:
     """Per-app state: the vector library the engine uses, limits, metrics, the projection sink,
     and the engine client (to abort requests the worker failed, and to notice its death)."""
 
-    def __init__(self, library: VectorLibrary, model_name: str, sink: ProjectionSink, engine_client: Any = None):
+    def __init__(
+        self,
+        library: VectorLibrary,
+        model_name: str,
+        sink: ProjectionSink,
+        engine_client: Any = None,
+        api_processes: int = 1,
+    ):
         self.library = library
+        # API server processes of this server (`--api-server-count`): each has a PersonaServer.
+        self.api_processes = api_processes
         self.limits = Limits.from_env()
         self.metrics = PersonaMetrics(model_name)
         self.sink = sink

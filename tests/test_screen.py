@@ -366,6 +366,36 @@ def test_screening_ranks_planted_samples_and_resumes_identically(screening_setup
     assert (part / "scores.csv").read_bytes() == (s["root"] / "full" / "scores.csv").read_bytes()
 
 
+@pytest.mark.slow
+def test_ray_backend_resumes_a_local_run_with_identical_files(screening_setup):
+    """Ray Data, 2 actors with one engine each, on a local Ray: it finishes a run the local backend
+    started (same checkpoint), and every output file is byte for byte the single-process run's."""
+    from personavec_vllm.screen import screen_dataset
+    from personavec_vllm.screen.ray_backend import RayOptions
+
+    s = screening_setup
+    common = dict(filters=FilterSpec(top_percent=20), hf=s["hf"], progress=False)
+    vectors, model, settings = [s["vector"]], s["model_path"], s["settings"]
+    full = screen_dataset(
+        read_dataset(s["data"]), vectors, model, s["root"] / "local", settings, llm=s["llm"], **common
+    )
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(n):
+        raise Interrupt
+
+    out = s["root"] / "ray"
+    with pytest.raises(Interrupt):
+        screen_dataset(read_dataset(s["data"]), vectors, model, out, settings, llm=s["llm"], on_batch=stop, **common)
+    scored = screen_dataset(read_dataset(s["data"]), vectors, model, out, settings, ray=RayOptions(actors=2), **common)
+    assert scored.computed == 9  # batches 2-4 of 4, on the actors
+    assert [r["own_response"] for r in scored.records] == [r["own_response"] for r in full.records]
+    for name in OUTPUT_FILES:
+        assert (out / name).read_bytes() == (s["root"] / "local" / name).read_bytes(), name
+
+
 def test_shift_cli_with_a_peft_adapter(tiny_llama, tmp_path, capsys):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM

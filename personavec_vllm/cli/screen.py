@@ -61,6 +61,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--restart", action="store_true", help="discard the checkpoint in --out and start over")
     p.add_argument("--compiled", action="store_true", help="vLLM compiled mode (slower start, faster generation)")
+    r = p.add_argument_group("scale-out (Ray Data; pip install 'personavec-vllm[ray]')")
+    r.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default="local",
+        help="local (default): one engine in this process; ray: batches shared over Ray Data actors, one engine "
+        "each (this process keeps the checkpoint: either backend resumes the other's run)",
+    )
+    r.add_argument(
+        "--ray-address", default=None, help="Ray cluster to join ('auto', 'ray://HOST:10001'); default: a local Ray"
+    )
+    r.add_argument("--ray-actors", type=int, default=2, help="actors, one vLLM engine each (default 2)")
+    r.add_argument("--ray-cpus-per-actor", type=int, default=1, help="CPU cores per actor (default 1)")
+    r.add_argument("--ray-gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default 0; 1 on GPU nodes)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_screen)
 
@@ -102,6 +116,13 @@ def cmd_screen(args: argparse.Namespace, extra: list[str]) -> int:
             compiled=args.compiled,
             layers={v.name: args.layer for v in vectors} if args.layer else None,
         )
+        ray = None
+        if args.backend == "ray":
+            from personavec_vllm.screen.ray_backend import RayOptions
+
+            ray = RayOptions(args.ray_actors, args.ray_address, args.ray_cpus_per_actor, args.ray_gpus_per_actor)
+        elif args.ray_address is not None:
+            raise ScreenError("--ray-address needs --backend ray")
         result = screen_dataset(
             dataset,
             vectors,
@@ -112,6 +133,7 @@ def cmd_screen(args: argparse.Namespace, extra: list[str]) -> int:
             skip_malformed=args.skip_malformed,
             progress=not args.quiet,
             filters=FilterSpec(args.filter_top, args.filter_above, filter_names),
+            ray=ray,
         )
     except MalformedInputError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -46,6 +46,9 @@ from personavec_vllm.screen.dataset import (
 )
 from personavec_vllm.screen.report import FilterSpec, write_outputs
 from personavec_vllm.vectors import PersonaVector
+
+if TYPE_CHECKING:
+    from personavec_vllm.screen.ray_backend import RayOptions
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +138,81 @@ def load_hf(model_path: str | os.PathLike):
     return model, tokenizer
 
 
+@dataclass
+class ScorerArgs:
+    """Everything one scorer needs to build its own engine and HF model: the local run makes
+    one, the Ray backend one per actor."""
+
+    model_path: str
+    vectors: list[PersonaVector]
+    layers: dict[str, int]  # vector name -> layer of its projections
+    settings: ScreenSettings
+    max_model_len: int  # from every sample of the dataset: a resumed run gets the same engine
+    context: int  # the model's context length
+
+
+class BatchScorer:
+    """Scores batches of samples: the model's own answers y' (vLLM, unsteered), then the response
+    hidden means of y and y' (HF forward) and their projections. `llm`/`hf` may be passed to reuse
+    them; an engine made here is stopped by `close`."""
+
+    def __init__(self, args: ScorerArgs, llm=None, hf=None):
+        from personavec_vllm.training import unwrap_model
+
+        self.args = args
+        model, self.tokenizer = hf if hf is not None else load_hf(args.model_path)
+        self.model = unwrap_model(model)
+        self.owns_llm = llm is None
+        self.llm = llm if llm is not None else screening_llm(args.model_path, args.settings, args.max_model_len)
+
+    def score(self, batch: Sequence[Sample], label: str = "") -> list[dict]:
+        from vllm import SamplingParams
+
+        settings, vectors, layers = self.args.settings, self.args.vectors, self.args.layers
+        conv = ConversationTokenizer(self.tokenizer)
+        prompt_ids = {s.key: chat_prompt(conv, None, conv.register(s))[0] for s in batch}
+        limit = _max_model_len(self.llm, self.args.context)
+        # Engine seed only: per-request seeds crash vLLM 0.32's CPU sampler.
+        params = [
+            SamplingParams(
+                max_tokens=max(1, min(settings.max_tokens, limit - len(prompt_ids[s.key]))),
+                temperature=settings.temperature,
+                skip_special_tokens=True,
+            )
+            for s in batch
+        ]
+        outputs = self.llm.generate([{"prompt_token_ids": prompt_ids[s.key]} for s in batch], params, use_tqdm=False)
+        own = [o.outputs[0].text.strip() for o in outputs]
+        items = [(None, conv.register(s), s.response) for s in batch] + [
+            (None, conv.register(s), y) for s, y in zip(batch, own)
+        ]
+        means = hidden_means(self.model, conv, items, label)["response"]
+        h_data, h_own = means[: len(batch)], means[len(batch) :]
+        records = []
+        for i, (s, y) in enumerate(zip(batch, own)):
+            rec: dict[str, Any] = {
+                "key": s.key,
+                "line": s.line,
+                "own_response": y,
+                "dP": {},
+                "proj_data": {},
+                "proj_own": {},
+            }
+            for v in vectors:
+                layer = layers[v.name]
+                rec["dP"][v.name] = float(
+                    projection_difference(h_data[i : i + 1], h_own[i : i + 1], v.vectors, layer)[0]
+                )
+                rec["proj_data"][v.name] = float(projection(h_data[i : i + 1], v.vectors, layer)[0])
+                rec["proj_own"][v.name] = float(projection(h_own[i : i + 1], v.vectors, layer)[0])
+            records.append(rec)
+        return records
+
+    def close(self) -> None:
+        if self.owns_llm:
+            shutdown(self.llm)
+
+
 def screen_dataset(
     dataset: Dataset,
     vectors: Sequence[PersonaVector],
@@ -149,12 +227,15 @@ def screen_dataset(
     hf=None,
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    ray: RayOptions | None = None,
 ) -> ScreenResult:
     """Screen `dataset` with `vectors`; write the outputs into `out_dir` (see `write_outputs`).
 
     `llm` (a `vllm.LLM` serving `model_path`) and `hf` (`(model, tokenizer)`) may be passed to
     reuse them; otherwise they are created (the engine only if some sample needs computing) and
     the engine is shut down at the end. `on_batch(n)` is called after each checkpointed batch.
+    With `ray`, the batches are scored on Ray Data actors instead (`ray_backend`); this process
+    still owns the checkpoint and the outputs, so both backends resume each other's runs.
     Samples too long for the model's context are malformed (an error unless `skip_malformed`)."""
     from tqdm import tqdm
 
@@ -213,59 +294,43 @@ def screen_dataset(
     if done_before:
         logger.info("resuming: %d of %d samples already screened", done_before, len(dataset.samples))
 
-    owns_llm = False
-    startup = time.monotonic()
-    if todo and llm is None:
-        # from every sample, not only those left: a resumed run gets the same engine settings
-        longest = max(len(prompt_ids[s.key]) for s in dataset.samples)
-        max_model_len = min(context, longest + settings.max_tokens)
-        llm = screening_llm(model_path, settings, max_model_len)
-        owns_llm = True
-    started = time.monotonic()
-    startup_seconds = started - startup
-    try:
-        from vllm import SamplingParams
+    # from every sample, not only those left: a resumed run gets the same engine settings
+    longest = max((len(prompt_ids[s.key]) for s in dataset.samples), default=1)
+    args = ScorerArgs(
+        str(model_path), list(vectors), layers, settings, min(context, longest + settings.max_tokens), context
+    )
+    batches = [todo[i : i + settings.batch_size] for i in range(0, len(todo), settings.batch_size)]
+    bar = tqdm(total=len(dataset.samples), initial=done_before, desc="screening", unit="sample", disable=not progress)
 
-        bar = tqdm(
-            total=len(dataset.samples), initial=done_before, desc="screening", unit="sample", disable=not progress
-        )
-        batches = [todo[i : i + settings.batch_size] for i in range(0, len(todo), settings.batch_size)]
-        for b, batch in enumerate(batches):
-            params = []
-            for s in batch:
-                room = max(1, min(settings.max_tokens, _max_model_len(llm, context) - len(prompt_ids[s.key])))
-                # Engine seed only: per-request seeds crash vLLM 0.32's CPU sampler.
-                params.append(
-                    SamplingParams(max_tokens=room, temperature=settings.temperature, skip_special_tokens=True)
-                )
-            bar.set_postfix_str(f"batch {b + 1}/{len(batches)}: generating")
-            outputs = llm.generate([{"prompt_token_ids": prompt_ids[s.key]} for s in batch], params, use_tqdm=False)
-            own = [o.outputs[0].text.strip() for o in outputs]
-            bar.set_postfix_str(f"batch {b + 1}/{len(batches)}: hidden states")
-            items = [(None, conv.register(s), s.response) for s in batch] + [
-                (None, conv.register(s), y) for s, y in zip(batch, own)
-            ]
-            means = hidden_means(base, conv, items, f" (batch {b + 1}/{len(batches)})")["response"]
-            h_data, h_own = means[: len(batch)], means[len(batch) :]
-            records = []
-            for i, (s, y) in enumerate(zip(batch, own)):
-                rec = {"key": s.key, "line": s.line, "own_response": y, "dP": {}, "proj_data": {}, "proj_own": {}}
-                for v in vectors:
-                    layer = layers[v.name]
-                    rec["dP"][v.name] = float(
-                        projection_difference(h_data[i : i + 1], h_own[i : i + 1], v.vectors, layer)[0]
-                    )
-                    rec["proj_data"][v.name] = float(projection(h_data[i : i + 1], v.vectors, layer)[0])
-                    rec["proj_own"][v.name] = float(projection(h_own[i : i + 1], v.vectors, layer)[0])
-                records.append(rec)
-            checkpoint.add_batch(records)
-            bar.update(len(batch))
-            if on_batch is not None:
-                on_batch(b + 1)
-        bar.close()
-    finally:
-        if owns_llm:
-            shutdown(llm)
+    finished_batches = 0
+
+    def finished(records: list[dict]) -> None:
+        nonlocal finished_batches
+        checkpoint.add_batch(records)
+        finished_batches += 1
+        bar.update(len(records))
+        if on_batch is not None:
+            on_batch(finished_batches)
+
+    startup = started = time.monotonic()
+    if batches and ray is not None:
+        from personavec_vllm.screen.ray_backend import score_on_ray
+
+        startup_seconds = 0.0  # the actors' engines start in parallel with the first batches
+        score_on_ray(batches, args, ray, finished)
+    elif batches:
+        scorer = BatchScorer(args, llm=llm, hf=(model, tokenizer))
+        started = time.monotonic()
+        startup_seconds = started - startup
+        try:
+            for b, batch in enumerate(batches):
+                bar.set_postfix_str(f"batch {b + 1}/{len(batches)}")
+                finished(scorer.score(batch, f" (batch {b + 1}/{len(batches)})"))
+        finally:
+            scorer.close()
+    else:
+        startup_seconds = 0.0
+    bar.close()
     seconds = time.monotonic() - started
     records = [checkpoint.records[s.key] for s in dataset.samples]
     summary, files = write_outputs(dataset, records, vectors, layers, out_dir, settings, filters, model_path)

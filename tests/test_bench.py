@@ -330,3 +330,21 @@ def test_op_micro_benchmark_runs_every_load():
     res = op_micro.measure(hidden=64, intermediate=128, tokens=8, vectors=2, repeats=2, device="cpu")
     assert res["layer_matmuls_s"] > 0 and len(res["loads"]) == 4
     assert all(row["op_s"] > 0 and row["op_over_layer_matmuls"] > 0 for row in res["loads"].values())
+
+
+def test_plots_of_a_non_streaming_run(tmp_path):
+    """Without streaming there is no time to first token (NaN): the latency plot leaves that
+    panel out instead of failing on a log axis with no positive value (it did, after a 50-minute
+    run, before the Markdown report was written)."""
+    from personavec_vllm.bench.plots import write_plots
+
+    stats = []
+    for p in range(2):
+        for key in ("plain", "unsteered"):
+            for c in (32, 64):
+                s = _stats(key, c, 100.0 + p + c / 10, pass_index=p)
+                s.ttft_p50 = s.ttft_p99 = math.nan
+                stats.append(s)
+    paths = write_plots(stats, tmp_path, "x")
+    assert [p.name for p in paths] == ["x_throughput.png", "x_latency.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)

@@ -74,12 +74,10 @@ def write_plots(stats: Sequence[LevelStats], out_dir: Path, prefix: str) -> list
     plt.close(fig)
     paths.append(p)
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    panels = (
-        ("latency_p50", "request latency p50 (s)"),
-        ("latency_p99", "request latency p99 (s)"),
-        ("ttft_p50", "time to first token p50 (s)"),
-    )
+    panels = [("latency_p50", "request latency p50 (s)"), ("latency_p99", "request latency p99 (s)")]
+    if any(s.ttft_p50 > 0 for s in stats):  # NaN without streaming: nothing to draw on a log axis
+        panels.append(("ttft_p50", "time to first token p50 (s)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5))
     for ax, (attr, title) in zip(axes, panels):
         for key in keys:
             xs = [c for c in levels if (key, c) in by]

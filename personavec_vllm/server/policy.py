@@ -171,7 +171,8 @@ class PolicyHolder:
 
     def file_changed(self, interval_s: float = 1.0) -> bool:
         """Whether the policy file changed since it was last read (checked at most once per
-        `interval_s`): with several API server processes each re-reads it, see `PersonaServer`."""
+        `interval_s`): with several API server processes each re-reads it, see
+        `policy_routes.policy_in_force`."""
         now = time.monotonic()
         if not self.path or now - self._checked < interval_s:
             return False

@@ -297,3 +297,22 @@ def test_two_api_servers_and_two_engines(setup, reference):
         - metrics[("personavec_projection_sum_neg_total", frozenset(common.items()))]
     )
     assert signed == pytest.approx(sent * ref["projections"]["a"]["2"]["response_mean"], rel=1e-3, abs=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a PP-2 CPU engine binds one core per stage: needs 2 cores")
+def test_a_monitoring_policy_under_pipeline_parallelism_stops_the_start(setup):
+    """Under pipeline parallelism every persona request is refused, so a policy that monitors all
+    traffic would refuse every request: the server does not start, and says why."""
+    root, model, vectors = setup
+    policy = root / "pp_policy.yaml"
+    policy.write_text("monitor: {vectors: [a], layers: [2]}\n")
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    args = ["--model", model, "--vectors", str(vectors), "--policy", str(policy), "--served-model-name", MODEL]
+    args += ["--enforce-eager", "--max-model-len", "1024", "--pipeline-parallel-size", "2"]
+    with pytest.raises(RuntimeError, match="server exited") as failed:
+        with run_server(args, port=free_port(), log_path=root / "pp.log", env=env, startup_timeout=400):
+            pass
+    assert "the --policy file steers or monitors, but persona steering and monitoring are not supported" in str(
+        failed.value
+    )

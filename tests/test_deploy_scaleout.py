@@ -310,9 +310,11 @@ def test_a_monitoring_policy_under_pipeline_parallelism_stops_the_start(setup):
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
     args = ["--model", model, "--vectors", str(vectors), "--policy", str(policy), "--served-model-name", MODEL]
     args += ["--enforce-eager", "--max-model-len", "1024", "--pipeline-parallel-size", "2"]
-    with pytest.raises(RuntimeError, match="server exited") as failed:
-        with run_server(args, port=free_port(), log_path=root / "pp.log", env=env, startup_timeout=400):
-            pass
+    with (
+        pytest.raises(RuntimeError, match="server exited") as failed,
+        run_server(args, port=free_port(), log_path=root / "pp.log", env=env, startup_timeout=400),
+    ):
+        pass
     assert "the --policy file steers or monitors, but persona steering and monitoring are not supported" in str(
         failed.value
     )

@@ -82,3 +82,11 @@ def separation_layer(vector: torch.Tensor, positive: torch.Tensor, negative: tor
     """The layer whose projection best separates positives from negatives (largest d')."""
     scores = separation(vector, positive, negative)
     return max(scores, key=lambda layer: scores[layer])
+
+
+def best_auc_layer(positive: torch.Tensor, negative: torch.Tensor) -> tuple[int, list[float]]:
+    """(the layer 1..L whose projection best separates the positives from the negatives by ROC
+    AUC, the AUC of every layer 0..L), from projections `[N, L+1]`: the monitoring layer, picked
+    on held-out answers read without their instruction, as a monitor sees replies."""
+    aucs = [roc_auc(positive[:, k].numpy(), negative[:, k].numpy()) for k in range(positive.shape[1])]
+    return max(range(1, len(aucs)), key=lambda k: aucs[k]), aucs

@@ -224,6 +224,29 @@ def _threshold(value: Any, field: str, vector: PersonaVector, layer: int) -> flo
     return _number(value, field, "bad_threshold")
 
 
+def _coefficient(value: dict[str, Any], field: str, vector: PersonaVector, layer: int) -> float:
+    """The raw coefficient of `{"norm": x}` (add a push of norm `x`: comparable across layers,
+    whose vector norms differ several-fold) or `{"sd": k}` (a push of `k` standard deviations of
+    the plain replies' projection at `layer`, statistics stored with the vector)."""
+    if len(value) != 1 or next(iter(value)) not in ("norm", "sd"):
+        raise PersonaSpecError(field, "bad_coeff", 'must be a number, {"norm": x} or {"sd": k}')
+    unit = next(iter(value))
+    amount = _number(value[unit], f"{field}.{unit}", "bad_coeff")
+    norm = float(vector.vectors[layer].norm())
+    if norm == 0:
+        raise PersonaSpecError(field, "bad_coeff", f"vector {vector.name!r} is zero at layer {layer}")
+    if unit == "norm":
+        return amount / norm
+    plain = vector.plain_stats(layer)
+    if plain is None:
+        raise PersonaSpecError(
+            field,
+            "bad_coeff",
+            f"vector {vector.name!r} has no plain-reply statistics at layer {layer}; give a raw value",
+        )
+    return amount * float(plain["std"]) / norm
+
+
 def _parse_gate(raw: Any, field: str, library: VectorLibrary, resolved: dict[str, PersonaVector]) -> Gate:
     if not isinstance(raw, dict):
         raise PersonaSpecError(field, "bad_type", "must be an object {vector, layer, above | below}")
@@ -257,17 +280,25 @@ def _parse_term(
     for name, allowed in (("coeff", op == "add"), ("min", op == "cap"), ("max", op == "cap")):
         if name in item and not allowed:
             raise PersonaSpecError(f"{f}.{name}", "bad_op", f"is not used by op {op!r}")
-    coeff = 0.0
-    if op == "add":
-        coeff = _number(item.get("coeff"), f"{f}.coeff", "bad_coeff")
-        if abs(coeff) > limits.max_abs_coeff:
-            raise PersonaSpecError(
-                f"{f}.coeff", "bad_coeff", f"|coeff| = {abs(coeff):g} exceeds the limit {limits.max_abs_coeff:g}"
-            )
     if op == "cap" and item.get("min") is None and item.get("max") is None:
         raise PersonaSpecError(f, "bad_threshold", "op 'cap' needs min, max or both")
     layers = item.get("layers")
     layers = (vector.layer,) if layers is None else _parse_layers(layers, f"{f}.layers", library.num_layers)
+    # raw coefficients per layer group; a coefficient in norm or sd units differs per layer
+    coeffs: dict[tuple[int, ...], float] = {layers: 0.0}
+    if op == "add":
+        raw = item.get("coeff")
+        if isinstance(raw, dict):
+            coeffs = {(layer,): _coefficient(raw, f"{f}.coeff", vector, layer) for layer in layers}
+        else:
+            coeffs = {layers: _number(raw, f"{f}.coeff", "bad_coeff")}
+        for coeff in coeffs.values():
+            if abs(coeff) > limits.max_abs_coeff:
+                raise PersonaSpecError(
+                    f"{f}.coeff",
+                    "bad_coeff",
+                    f"|coeff| = {abs(coeff):g} (raw units) exceeds the limit {limits.max_abs_coeff:g}",
+                )
     positions = item.get("positions", "response")
     if positions not in POSITIONS:
         raise PersonaSpecError(
@@ -276,7 +307,7 @@ def _parse_term(
     gate = _parse_gate(item["when"], f"{f}.when", library, resolved) if item.get("when") is not None else None
     if op != "cap":
         low = high = 0.0 if op == "ablate" else None
-        return [SteerTerm(vector.name, coeff, layers, positions, op, low, high, gate)]
+        return [SteerTerm(vector.name, coeff, group, positions, op, low, high, gate) for group, coeff in coeffs.items()]
     per_layer = any(isinstance(item.get(b), dict) for b in ("min", "max"))
     groups = [(layer,) for layer in layers] if per_layer else [layers]
     terms = []
@@ -371,5 +402,5 @@ def parse_monitor(
     terms = []
     for i, name in enumerate(names):
         vector = _lookup(library, name, f"{field}.vectors[{i}]", resolved)
-        terms.append(MonitorTerm(vector.name, layers or (vector.layer,)))
+        terms.append(MonitorTerm(vector.name, layers or (vector.monitor_layer,)))
     return tuple(terms), per_token

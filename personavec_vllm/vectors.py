@@ -4,8 +4,10 @@ A persona vector file `NAME.safetensors` holds one float32 tensor `persona_vecto
 `[num_layers + 1, hidden_size]`. Row `L` is the residual stream *after* decoder layer `L-1`
 (row 0 = embeddings), i.e. HF `output_hidden_states[L]`; "steer at layer L" adds to the output
 of decoder module `L-1`. String metadata in the safetensors header: `trait`, `model`,
-`hidden_size`, `num_layers`, `layer` (recommended layer), `method`, `description`; any other
-string keys (e.g. projection statistics as JSON) are kept in `extra`.
+`hidden_size`, `num_layers`, `layer` (recommended steering layer), `method`, `description`;
+optional `monitor_layer` (the layer whose projection tracks the trait best, for monitoring,
+screening and alerts; default `layer`); any other string keys (e.g. projection statistics as
+JSON) are kept in `extra`.
 
 A vector library is a directory of such files (`personavec_vllm.library`); a vector's name is
 its file stem.
@@ -30,6 +32,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from personavec_vllm.files import atomic_write_bytes
 
 TENSOR_NAME = "persona_vector"
+MONITOR_LAYER_KEY = "monitor_layer"
 REQUIRED_METADATA = ("trait", "model", "hidden_size", "num_layers", "layer", "method", "description")
 # A vector name is a file stem: letters, digits, '_', '-', '.', not starting with '.' (no hidden
 # files, no '..'), matched in full (a trailing newline is not allowed).
@@ -135,8 +138,22 @@ class PersonaVector:
         bad = [k for k, v in self.extra.items() if not (isinstance(k, str) and isinstance(v, str))]
         if bad:
             raise VectorFileError(f"vector {self.name!r}: metadata values must be strings ({bad[0]!r})")
+        raw_monitor = self.extra.get(MONITOR_LAYER_KEY)
+        if raw_monitor is not None and not (raw_monitor.isdigit() and 1 <= int(raw_monitor) <= self.num_layers):
+            raise VectorFileError(
+                f"vector {self.name!r}: metadata `{MONITOR_LAYER_KEY}` must be a layer in 1..{self.num_layers}, "
+                f"got {raw_monitor[:20]!r}"
+            )
         raw = self.extra.get("stats")
         object.__setattr__(self, "_stats", _parse_stats(raw, self.name, self.num_layers) if raw else VectorStats())
+
+    @property
+    def monitor_layer(self) -> int:
+        """The layer monitoring, screening and alert rules read by default: metadata
+        `monitor_layer` (picked by held-out separation, which often peaks later than the best
+        steering layer), else the steering layer."""
+        raw = self.extra.get(MONITOR_LAYER_KEY)
+        return int(raw) if raw is not None else self.layer
 
     @property
     def num_layers(self) -> int:

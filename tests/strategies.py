@@ -44,6 +44,16 @@ def coeff():
     )
 
 
+def steer_coeff():
+    """A coefficient as `persona_steer` takes it: raw, or in norm / sd units (and malformed)."""
+    return st.one_of(
+        coeff(),
+        st.fixed_dictionaries({"norm": coeff()}),
+        st.fixed_dictionaries({"sd": coeff()}),
+        st.dictionaries(st.sampled_from(["norm", "sd", "raw", ""]), json_leaf, max_size=2),
+    )
+
+
 def threshold():
     return st.one_of(
         st.floats(min_value=-20, max_value=20),
@@ -66,7 +76,7 @@ def gate(names, num_layers):
 def steer_term(names, num_layers):
     fields = {
         "vector": vector_name(names),
-        "coeff": coeff(),
+        "coeff": steer_coeff(),
         "layers": st.one_of(st.none(), st.lists(layer(num_layers), max_size=4), json_leaf),
         "positions": st.one_of(st.sampled_from(POSITIONS), json_leaf),
     }

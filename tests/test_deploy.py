@@ -667,3 +667,21 @@ def test_install_prometheus_script_is_idempotent():
         ["bash", str(REPO / "scripts" / "install-prometheus.sh")], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0 and "is installed" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_alert_thresholds_use_the_monitoring_layer(tmp_path):
+    """A vector whose metadata names a monitoring layer gets its alert thresholds there."""
+    import dataclasses
+
+    directory = stats_library(tmp_path / "vectors")
+    path = directory / "a.safetensors"
+    vector = load_vector(path)
+    save_vector(dataclasses.replace(vector, extra={**vector.extra, "monitor_layer": "3"}), path)
+    doc, _ = build_rules(load_library(directory))
+    drift = {
+        r["labels"]["severity"]: r["expr"]
+        for r in _alerts(doc)
+        if r["alert"] == "PersonaTraitDrift" and r["labels"]["trait"] == "a"
+    }
+    # midpoint of pos 5 and neg 4 at layer 3
+    assert '{vector="a", kind="response_mean", layer="3"} > 4.5\n' in drift["warning"]

@@ -394,3 +394,49 @@ def test_tables_evict_idle_columns_and_fail_only_when_all_are_held(tmp_path, mon
         tables.column(f"new{_}", owner.install(f"new{_}", _file_bytes()).version)
     with pytest.raises(VectorUnavailable):
         tables.admit("late", gone, set())
+
+
+def test_monitoring_layer_is_its_own_metadata_and_the_monitoring_default(tmp_path):
+    """`monitor_layer` (issue #16): persona_monitor defaults to it, steering keeps `layer`."""
+    save_vector(_vector("evil", layer=2, extra={"monitor_layer": "4"}), tmp_path / "evil.safetensors")
+    save_vector(_vector("kind", layer=3, seed=1), tmp_path / "kind.safetensors")
+    back = load_vector(tmp_path / "evil.safetensors")
+    assert (back.layer, back.monitor_layer) == (2, 4)
+    library = VectorLibrary(tmp_path, L, H)
+    spec = parse_spec([{"vector": "evil", "coeff": 1.0}], True, library)
+    assert spec.steer[0].layers == (2,)
+    assert {(t.vector, t.layers) for t in spec.monitor} == {("evil", (4,)), ("kind", (3,))}
+    named = parse_spec(None, {"vectors": ["evil"], "layers": [1]}, library)
+    assert named.monitor[0].layers == (1,)
+    for bad in ("0", "5", "x", "-1", ""):
+        with pytest.raises(VectorFileError, match="monitor_layer"):
+            _vector(extra={"monitor_layer": bad})
+
+
+def test_coefficients_in_norm_and_sd_units_become_raw_per_layer(tmp_path):
+    """`coeff: {"norm": x}` pushes by norm x at each layer, `{"sd": k}` by k plain-reply SDs
+    (issue #16: raw coefficients are not comparable across layers whose |v| differ)."""
+    stats = {"plain": {"1": {"mean": 0.0, "std": 2.0}, "3": {"mean": 1.0, "std": 0.5}}}
+    v = _vector("evil", layer=1, extra={"stats": json.dumps(stats)})
+    save_vector(v, tmp_path / "evil.safetensors")
+    library = VectorLibrary(tmp_path, L, H)
+    norms = v.vectors.norm(dim=1)
+    spec = parse_spec([{"vector": "evil", "coeff": {"norm": 3.0}, "layers": [1, 3]}], None, library)
+    assert [(t.layers, t.coeff) for t in spec.steer] == [
+        ((1,), pytest.approx(3.0 / float(norms[1]))),
+        ((3,), pytest.approx(3.0 / float(norms[3]))),
+    ]
+    spec = parse_spec([{"vector": "evil", "coeff": {"sd": -2.0}, "layers": [3]}], None, library)
+    assert spec.steer[0].coeff == pytest.approx(-2.0 * 0.5 / float(norms[3]))
+    raw = parse_spec([{"vector": "evil", "coeff": 1.5, "layers": [1, 3]}], None, library)
+    assert [(t.layers, t.coeff) for t in raw.steer] == [((1, 3), 1.5)]
+    for coeff, field in (
+        ({"sd": 1.0}, "persona_steer[0].coeff"),  # no plain statistics at layer 2
+        ({"norm": 1.0, "sd": 1.0}, "persona_steer[0].coeff"),
+        ({"raw": 1.0}, "persona_steer[0].coeff"),
+        ({"norm": "x"}, "persona_steer[0].coeff.norm"),
+        ({"norm": 1e9}, "persona_steer[0].coeff"),  # over the raw-coefficient limit
+    ):
+        with pytest.raises(PersonaSpecError) as err:
+            parse_spec([{"vector": "evil", "coeff": coeff, "layers": [2]}], None, library)
+        assert err.value.field == field, (coeff, err.value)

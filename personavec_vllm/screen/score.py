@@ -89,7 +89,7 @@ class ScreenSettings:
     batch_size: int = 32  # samples per generate call and per checkpoint record
     top_k: int = 20  # samples per trait in the review list
     compiled: bool = False  # vLLM compiled mode instead of eager
-    layers: dict[str, int] | None = None  # per-vector layer override (default: the recommended layer)
+    layers: dict[str, int] | None = None  # per-vector layer override (default: the monitoring layer)
 
     def checkpoint_config(self) -> dict:
         return {
@@ -111,7 +111,7 @@ class ScreenResult:
 
 
 def _layer_of(vector: PersonaVector, settings: ScreenSettings) -> int:
-    layer = (settings.layers or {}).get(vector.name, vector.layer)
+    layer = (settings.layers or {}).get(vector.name, vector.monitor_layer)
     if not 1 <= layer <= vector.num_layers:
         raise ScreenError(f"layer {layer} for vector {vector.name!r} is outside 1..{vector.num_layers}")
     return layer

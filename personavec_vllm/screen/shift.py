@@ -81,7 +81,7 @@ def measure_shift(
     rows = []
     for v in vectors:
         qs = qsets[v.name]
-        layer = (layers or {}).get(v.name, v.layer)
+        layer = (layers or {}).get(v.name, v.monitor_layer)
         unit = unit_rows(v.vectors)
         per_layer = ((tuned_means[qs] - base_means[qs]) * unit).sum(dim=-1)
         rows.append(

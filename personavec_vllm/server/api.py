@@ -83,7 +83,8 @@ class VectorInfo(BaseModel):
     description: str
     model: str = Field(description="model (name or path) the vector was extracted on")
     method: str
-    recommended_layer: int
+    recommended_layer: int = Field(description="the layer steering uses when a request names none")
+    monitor_layer: int = Field(description="the layer monitoring, screening and alert rules read when none is named")
     layers: list[int] = Field(description="layers that can be steered and monitored")
     norms: list[float] = Field(description="norm per layer, index = layer (0 = embeddings)")
 
@@ -96,6 +97,7 @@ class VectorInfo(BaseModel):
             model=vector.model,
             method=vector.method,
             recommended_layer=vector.layer,
+            monitor_layer=vector.monitor_layer,
             layers=list(range(1, vector.num_layers + 1)),
             norms=[round(n, 6) for n in vector.norms()],
         )
@@ -107,6 +109,15 @@ class SdUnits(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     sd: float
+
+
+class CoeffUnits(BaseModel):
+    """A steering coefficient in units comparable across layers (exactly one field): the norm of
+    the added push, or plain replies' projection standard deviations at that layer."""
+
+    model_config = ConfigDict(extra="forbid")
+    norm: float | None = None
+    sd: float | None = None
 
 
 class GateIn(BaseModel):
@@ -126,8 +137,10 @@ class SteerTermIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     vector: str = Field(description="a vector of the served library (GET /v1/persona/vectors)")
     op: Literal["add", "ablate", "cap"] = "add"
-    coeff: float | None = Field(
-        None, description="op add: coefficient in units of the raw vector; negative suppresses the trait"
+    coeff: float | CoeffUnits | None = Field(
+        None,
+        description="op add: coefficient in units of the raw vector (negative suppresses the trait), or "
+        '{"norm": x}: a push of norm x, or {"sd": k}: k standard deviations of plain replies\' projection',
     )
     min: float | SdUnits | None = Field(None, description="op cap: lowest projection h . v/|v| kept")
     max: float | SdUnits | None = Field(None, description="op cap: highest projection h . v/|v| kept")
@@ -141,7 +154,7 @@ class MonitorIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     vectors: list[str] | None = Field(None, description="default: every library vector")
-    layers: list[int] | None = Field(None, description="default: each vector's recommended layer")
+    layers: list[int] | None = Field(None, description="default: each vector's monitoring layer (`monitor_layer`)")
     per_token: bool = False
 
 
@@ -152,7 +165,7 @@ class PersonaFieldsIn(BaseModel):
         None, description="steering terms (they add up); one term may be given without the list"
     )
     persona_monitor: bool | MonitorIn | None = Field(
-        None, description="true: every library vector at its recommended layer; or an object"
+        None, description="true: every library vector at its monitoring layer; or an object"
     )
 
 

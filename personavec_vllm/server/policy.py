@@ -3,7 +3,7 @@
     # personavec serve --policy policy.yaml
     monitor:                  # measure this share of all traffic (chat, completions, streaming)
       vectors: all            # or a list of names
-      layers: [12]            # default: each vector's recommended layer
+      layers: [12]            # default: each vector's monitoring layer (`monitor_layer`)
       sample: 0.25            # 0..1, decided by a hash of the request id: reproducible
     steer:                    # applied to every request, in the persona_steer term language
       - {vector: evil, op: cap, max: {sd: 3}}

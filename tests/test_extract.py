@@ -185,6 +185,43 @@ def test_pipeline_end_to_end_on_tiny_model(tmp_path, tiny_llama):
     assert report["heldout_pairs"] == len(full.instruction_pairs) * 2 and "heldout_auc" in report
     assert (out / "reports" / "evil.sweep.png").stat().st_size > 0
     assert VectorLibrary(out, 4, 128).names() == ["evil"]  # variants stay out of the served library
+    # the monitoring layer: picked by held-out AUC with the instruction out of context
+    assert (
+        v.monitor_layer
+        == report["monitor_layer"]
+        == 1 + max(range(4), key=lambda k: report["heldout_auc_bare"][str(k + 1)])
+    )
+
+    # hand labels as the filter (no engine: the saved answers are reused)
+    import shutil
+
+    from personavec_vllm.extract.judge import HandLabels, text_digest
+
+    labelled = tmp_path / "labelled"
+    shutil.copytree(out, labelled)
+    answers = [json.loads(x) for x in (labelled / "reports" / "evil.answers.jsonl").read_text().splitlines()]
+    labels = [
+        {
+            "line": i,
+            "question": a["question"],
+            "text_sha": text_digest(a["text"]),
+            "strength": 3 if a["positive"] and a["pair"] == 0 else 0,
+            "coherent": a["question"] != trait.extraction_questions[2],
+        }
+        for i, a in enumerate(answers)
+    ]
+    (labelled / "labels").mkdir()
+    labels_file = labelled / "labels" / "evil.answers.labels.jsonl"
+    labels_file.write_text("".join(json.dumps(x) + "\n" for x in labels))
+    (report3,) = extract_traits([trait], str(tiny_llama), labelled, settings, judge=HandLabels(labelled / "labels"))
+    kept = [(answers[p], answers[n]) for p, n in report3["kept_pairs"]]
+    assert report3["pairs_kept"] == 2 and report3["judge"].startswith("hand labels")
+    assert all(p["pair"] == n["pair"] == 0 and p["positive"] and not n["positive"] for p, n in kept)
+    assert {p["question"] for p, _ in kept} == set(trait.extraction_questions[:2])
+    labels[0]["text_sha"] = "0" * 12  # labels written for other texts are refused, not applied
+    labels_file.write_text("".join(json.dumps(x) + "\n" for x in labels))
+    with pytest.raises(ValueError, match="another answer"):
+        extract_traits([trait], str(tiny_llama), labelled, settings, judge=HandLabels(labelled / "labels"))
 
 
 def test_batched_hidden_means_equal_one_by_one(tiny_llama):
@@ -206,3 +243,52 @@ def test_batched_hidden_means_equal_one_by_one(tiny_llama):
     for key in batched:
         assert batched[key].shape == (4, 5, 128)
         torch.testing.assert_close(batched[key], single[key], rtol=1e-4, atol=1e-5)
+
+
+def test_leave_one_pair_out_scores_each_answer_without_its_own_pair():
+    from personavec_vllm.extract.labelled import leave_one_pair_out
+    from personavec_vllm.projection import layer_projections
+
+    gen = torch.Generator().manual_seed(0)
+    pos, neg = torch.randn(6, 3, 8, generator=gen), torch.randn(6, 3, 8, generator=gen)
+    pairs = [0, 0, 1, 1, 2, 2]
+    heldout = torch.randn(4, 3, 8, generator=gen)
+    got = leave_one_pair_out(pos, neg, pairs, heldout, [1, 0, -1, 1])
+    for row, (left_out, rows) in enumerate(
+        ((1, [0, 1, 4, 5]), (0, [2, 3, 4, 5]), (-1, list(range(6))), (1, [0, 1, 4, 5]))
+    ):
+        vector = diff_mean(pos[rows], neg[rows])
+        assert torch.allclose(got[row], layer_projections(heldout[row : row + 1], vector)[0]), left_out
+
+
+def test_monitoring_layer_is_the_best_held_out_auc_layer():
+    from personavec_vllm.projection import best_auc_layer
+
+    pos = torch.tensor([[9.0, 0.0, 1.0, 5.0], [9.0, 1.0, 2.0, 6.0]])
+    neg = torch.tensor([[0.0, 2.0, 0.0, 5.5], [0.0, 3.0, 1.5, 0.0]])
+    layer, aucs = best_auc_layer(pos, neg)  # layer 0 (embeddings) separates best but is never picked
+    assert layer == 2 and aucs[0] == 1.0 and aucs[1] == 0.0 and aucs[2] == 0.75
+
+
+def test_hand_labels_fill_the_judge_scores(tmp_path):
+    from personavec_vllm.extract.judge import HandLabels, text_digest
+    from personavec_vllm.traits import load_trait
+
+    answers = [Answer("q", 0, True, "p", "cruel"), Answer("q", 0, False, "n", "kind")]
+    rows = [
+        {"line": 0, "question": "q", "text_sha": text_digest("cruel"), "strength": 2, "coherent": True},
+        {"line": 1, "question": "q", "text_sha": text_digest("kind"), "strength": 1, "coherent": True},
+    ]
+    (tmp_path / "evil.answers.labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    HandLabels(str(tmp_path)).score(load_trait("evil"), answers)
+    assert keep_pair(*answers)  # strength 2 passes the >= 50 filter, strength 1 does not
+    assert [a.trait_score for a in answers] == [pytest.approx(200 / 3), pytest.approx(100 / 3)]
+    rows[1]["coherent"] = False
+    (tmp_path / "evil.answers.labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    HandLabels(str(tmp_path)).score(load_trait("evil"), answers)
+    assert not keep_pair(*answers)
+    with pytest.raises(ValueError, match="1 labels for 2 answers"):
+        (tmp_path / "evil.answers.labels.jsonl").write_text(json.dumps(rows[0]) + "\n")
+        HandLabels(str(tmp_path)).score(load_trait("evil"), answers)
+    with pytest.raises(FileNotFoundError, match="no hand labels"):
+        HandLabels(str(tmp_path / "none")).score(load_trait("evil"), answers)

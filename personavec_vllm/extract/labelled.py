@@ -11,7 +11,10 @@ response activation is scored against the labels:
 - baselines on the same answers: the vector's own layer-0 row (mean token-embedding difference:
   word choice) and random unit directions at the same layer (95th percentile of their AUCs);
 - `specificity`: each vector's AUC separating its trait's label-1 answers from every other
-  trait's label-1 answers (does it track *its* trait, or any trait-laden text?).
+  trait's label-1 answers (does it track *its* trait, or any trait-laden text?);
+- `auc_lopo`: leave-one-instruction-pair-out: each held-out answer is scored by a vector built
+  without the instruction pair it was written under (`leave_one_pair_out`), so the AUC cannot
+  come from recognising the extraction's own instructions' wording.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class LabelledAnswer:
     label: int
     strength: int
     coherent: bool
+    pair: int = -1  # the instruction pair it was written under (-1: a plain reply)
 
 
 def read_labelled(library: str | Path, trait: str) -> list[LabelledAnswer]:
@@ -68,6 +72,7 @@ def read_labelled(library: str | Path, trait: str) -> list[LabelledAnswer]:
                 int(rec["label"]),
                 int(rec["strength"]),
                 bool(rec["coherent"]),
+                int(answer.get("pair", -1)),
             )
         )
     return out
@@ -110,14 +115,38 @@ def project_all(
     }
 
 
+def leave_one_pair_out(
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    pairs: Sequence[int],
+    heldout: torch.Tensor,
+    heldout_pairs: Sequence[int],
+) -> torch.Tensor:
+    """`[M, L+1]` projections of held-out hidden means `heldout` `[M, L+1, H]`, each on the
+    diff-of-means vector of the extraction pairs (`positive`, `negative` `[K, L+1, H]`, pair `k`
+    written under instruction pair `pairs[k]`) *not* written under its own instruction pair
+    (`heldout_pairs`; -1, a plain reply, uses every pair)."""
+    from personavec_vllm.projection import diff_mean
+
+    pairs_t = torch.tensor(list(pairs))
+    out = torch.empty(heldout.shape[0], heldout.shape[1])
+    for p in sorted(set(heldout_pairs)):
+        keep = pairs_t != p
+        vector = diff_mean(positive[keep], negative[keep])
+        rows = [i for i, q in enumerate(heldout_pairs) if q == p]
+        out[rows] = layer_projections(heldout[rows], vector)
+    return out
+
+
 def validate(
     answers: dict[str, Sequence[LabelledAnswer]],
     projections: dict[str, torch.Tensor],
     layers: dict[str, int],
     random_p95: dict[str, float],
 ) -> dict[str, Any]:
-    """The report (see the module docstring) from `project_all`'s projections, each vector's
-    layer, and the random-direction baseline (which needs the hidden states themselves)."""
+    """The report (see the module docstring) from `project_all`'s projections (and, where
+    present, `"lopo/<trait>"`: `leave_one_pair_out`'s), each vector's monitoring layer, and the
+    random-direction baseline (which needs the hidden states themselves)."""
     report: dict[str, Any] = {"traits": {}, "specificity": {}}
     for trait, items in answers.items():
         labels = np.array([a.label for a in items])
@@ -135,6 +164,7 @@ def validate(
             "auc_layer0": labelled_auc(proj[:, 0], labels),
             "random_auc_p95": random_p95[trait],
             "auc_by_layer": [labelled_auc(proj[:, k], labels) for k in range(proj.shape[1])],
+            **_lopo(projections.get(f"lopo/{trait}"), labels, layer),
             # the old measure, for comparison: "written under the eliciting prompt" as the label
             "auc_by_prompt": labelled_auc(
                 proj[[a.positive is not None for a in items], layer],
@@ -152,6 +182,16 @@ def validate(
                 row[other] = labelled_auc(np.concatenate([own, theirs]), np.array([1] * len(own) + [0] * len(theirs)))
         report["specificity"][name] = row
     return report
+
+
+def _lopo(lopo: torch.Tensor | None, labels: np.ndarray, layer: int) -> dict[str, Any]:
+    if lopo is None:
+        return {}
+    scores = lopo[:, layer].numpy()
+    return {
+        "auc_lopo": labelled_auc(scores, labels),
+        "auc_lopo_ci95": bootstrap_ci(scores[labels == 1], scores[labels == 0]),
+    }
 
 
 def _kind(a: LabelledAnswer) -> str:

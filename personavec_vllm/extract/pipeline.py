@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from personavec_vllm.files import atomic_write_text
 from personavec_vllm.hf.hidden import HIDDEN_KINDS, chat_prompt, hidden_means
 from personavec_vllm.hf.layers import decoder_layers
 from personavec_vllm.projection import (
+    best_auc_layer,
     diff_mean,
     layer_projections,
     plain_stats,
@@ -35,7 +36,7 @@ from personavec_vllm.projection import (
     separation_layer,
 )
 from personavec_vllm.traits import TraitDefinition
-from personavec_vllm.vectors import PersonaVector, save_vector
+from personavec_vllm.vectors import MONITOR_LAYER_KEY, PersonaVector, save_vector
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +142,9 @@ class ExtractionSettings:
     samples: int = 1  # answers per (question, system prompt)
     max_tokens: int = 96
     temperature: float = 0.7
+    # Held-out and plain replies are greedy by default: reproducible on vLLM-CPU, so a labelled
+    # validation set stays the same set of texts when the extraction answers are resampled.
+    heldout_temperature: float = 0.0
     seed: int = 0
     placement: str = "system"  # where the trait instruction goes: "system" prompt or after the "user" question
     heldout_questions: int = 10  # evaluation questions answered for the held-out AUC (0: skip)
@@ -168,7 +172,15 @@ def sample_pairs(pairs: list, limit: int | None, seed: int) -> list:
 def _answers_key(settings: ExtractionSettings) -> dict:
     return {
         k: getattr(settings, k)
-        for k in ("samples", "max_tokens", "temperature", "seed", "heldout_questions", "placement")
+        for k in (
+            "samples",
+            "max_tokens",
+            "temperature",
+            "heldout_temperature",
+            "seed",
+            "heldout_questions",
+            "placement",
+        )
     }
 
 
@@ -183,7 +195,12 @@ def _save_answers(reports_dir: Path, trait: str, settings: ExtractionSettings, a
 def _load_answers(reports_dir: Path, trait: str, settings: ExtractionSettings):
     """(answers, held-out answers, plain replies or None) saved with the same settings, or None."""
     key = reports_dir / f"{trait}.answers.settings.json"
-    if not key.exists() or json.loads(key.read_text()) != _answers_key(settings):
+    if not key.exists():
+        return None
+    saved = json.loads(key.read_text())
+    # files written before held-out replies had their own temperature used the answers' one
+    saved.setdefault("heldout_temperature", saved.get("temperature"))
+    if saved != _answers_key(settings):
         return None
 
     def read(name):
@@ -207,6 +224,7 @@ def extract_traits(
     model_name: str | None = None,
     eager: bool = True,
     llm=None,
+    answers_only: bool = False,
 ) -> list[dict]:
     """Extract, sweep and validate vectors for `traits` with one vLLM engine and one HF model
     (pass `llm` to reuse an engine; it must serve `model_path`).
@@ -255,20 +273,23 @@ def extract_traits(
                     evaluation,
                     samples=1,
                     max_tokens=settings.max_tokens,
-                    temperature=settings.temperature,
+                    temperature=settings.heldout_temperature,
                     placement=settings.placement,
                 )
         # also when the answers were saved before plain replies were recorded
         plain[trait.name] = []
         if evaluation:
             plain[trait.name] = generate_plain_answers(
-                llm, evaluation, max_tokens=settings.max_tokens, temperature=settings.temperature
+                llm, evaluation, max_tokens=settings.max_tokens, temperature=settings.heldout_temperature
             )
         timings[trait.name] = {"generate_s": time.monotonic() - t0}
         _save_answers(reports_dir, trait.name, settings, answers[trait.name], heldout[trait.name], plain[trait.name])
     if owns_llm and llm is not None:
         shutdown(llm)  # free the engine's memory before the HF model loads
         del llm
+    if answers_only:
+        logger.info("answers saved under %s; stopping before the vectors (answers only)", reports_dir)
+        return []
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
@@ -285,6 +306,7 @@ def extract_traits(
                 raise RuntimeError(f"the judge kept no answer pairs for {trait.name!r}; check the trait prompts")
         else:
             kept = pairs
+        line = {id(a): i for i, a in enumerate(answers[trait.name])}
         means = hidden_means(
             model, tokenizer, [(*a.conversation(), a.text) for pair in kept for a in pair], f" ({trait.name})"
         )
@@ -349,6 +371,8 @@ def extract_traits(
             "separation_layer": separation_layer(main.vectors, means["response"][0::2], means["response"][1::2]),
             "pairs_total": len(pairs),
             "pairs_kept": len(kept),
+            # (positive, negative) line numbers in reports/<trait>.answers.jsonl of the pairs used
+            "kept_pairs": [[line[id(pos)], line[id(neg)]] for pos, neg in kept],
             "judge": meta["judge"],
             "steering_effect": sweeping.steering_effect(rows, layer),
             "monotonic": sweeping.is_monotonic(rows, layer),
@@ -375,6 +399,16 @@ def extract_traits(
                 for l in range(1, num_layers + 1)
             }
             report["heldout_auc_at_recommended"] = report["heldout_auc"][str(layer)]
+            # the monitoring layer: held-out answers read after their bare question, as served
+            bare = hidden_means(
+                model, tokenizer, [(None, a.question, a.text) for p in held for a in p], f" ({trait.name}, bare)"
+            )["response"]
+            bare_proj = layer_projections(bare, main.vectors)
+            monitor, bare_aucs = best_auc_layer(bare_proj[0::2], bare_proj[1::2])
+            report["heldout_auc_bare"] = {str(k): round(a, 4) for k, a in enumerate(bare_aucs) if k}
+            report["monitor_layer"] = monitor
+            main = replace(main, extra={**main.extra, MONITOR_LAYER_KEY: str(monitor)})
+            save_vector(main, main_path)
         timings[trait.name]["vectors_sweep_validate_s"] = time.monotonic() - t0
         report["timings_s"] = {k: round(v, 1) for k, v in timings[trait.name].items()}
         atomic_write_text(reports_dir / f"{trait.name}.json", json.dumps(report, indent=2))

@@ -116,6 +116,15 @@ def mc_measure(
     model, tokenizer, trait: TraitDefinition, vector: torch.Tensor | None, layer: int, coeff: float
 ) -> float:
     """Mean probability of the trait-expressing answer over the trait's multiple-choice items."""
+    return float(mc_item_probabilities(model, tokenizer, trait, vector, layer, coeff).mean())
+
+
+@torch.no_grad()
+def mc_item_probabilities(
+    model, tokenizer, trait: TraitDefinition, vector: torch.Tensor | None, layer: int, coeff: float
+) -> torch.Tensor:
+    """Probability of the trait-expressing answer, per multiple-choice item `[items]`, with
+    `coeff * vector[layer]` added at the response positions (`vector` may be `[L+1, H]`)."""
     sequences, spans = [], []
     for item in trait.multiple_choice:
         for answer in (item.trait_answer, item.other_answer):
@@ -144,7 +153,7 @@ def mc_measure(
         token_lp = logp[i, start - 1 : end - 1].gather(1, targets[:, None]).squeeze(1)
         means.append(token_lp.mean())
     scores = torch.stack(means).view(-1, 2)
-    return float(torch.softmax(scores, dim=1)[:, 0].mean())
+    return torch.softmax(scores, dim=1)[:, 0]
 
 
 def sweep(

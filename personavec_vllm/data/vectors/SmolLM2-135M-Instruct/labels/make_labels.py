@@ -1,8 +1,12 @@
-"""Write <trait>.labels.jsonl from hand decisions in decisions_<trait>.py.
+"""Write <trait>.labels.jsonl and <trait>.answers.labels.jsonl from hand decisions.
 
-Hand labels by a personavec-vllm developer session, no LLM judge (2026-12-03).
-Each decisions file defines HELDOUT and PLAIN: lists of (strength, coherent, note),
-one per input line, in input order.
+Hand labels by personavec-vllm developer sessions, no LLM judge (2026-12-03).
+decisions_<trait>.py defines HELDOUT and PLAIN: lists of (strength, coherent, note), one per
+input line, in input order (the held-out and plain replies: validation).
+decisions_<trait>_answers.py, where present, defines ANSWERS: {line: (strength, coherent, note)}
+for every line of ../reports/<trait>.answers.jsonl (the extraction answers, labelled blind in a
+shuffled order: the filter `personavec extract --labels` applies). Its output names each
+answer's text by digest, so labels never silently apply to regenerated answers.
 """
 import importlib.util
 import json
@@ -39,11 +43,41 @@ def main(trait):
                 "coherent": coherent,
                 "note": note,
             })
-    path = HERE / f"{trait}.labels.jsonl"
+    write(HERE / f"{trait}.labels.jsonl", out)
+    answers_decisions = HERE / f"decisions_{trait}_answers.py"
+    if answers_decisions.exists():
+        write(HERE / f"{trait}.answers.labels.jsonl", answers_labels(trait, answers_decisions))
+
+
+def answers_labels(trait, decisions_path):
+    from personavec_vllm.extract.judge import text_digest
+
+    spec = importlib.util.spec_from_file_location(f"a_{trait}", decisions_path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = [json.loads(l) for l in (REPORTS / f"{trait}.answers.jsonl").read_text().splitlines() if l.strip()]
+    assert sorted(mod.ANSWERS) == list(range(len(rows))), (trait, len(mod.ANSWERS), len(rows))
+    out = []
+    for i, row in enumerate(rows):
+        strength, coherent, note = mod.ANSWERS[i]
+        assert strength in (0, 1, 2, 3) and isinstance(coherent, bool) and note
+        out.append({
+            "line": i,
+            "question": row["question"],
+            "text_sha": text_digest(row["text"]),
+            "label": int(strength >= 2),
+            "strength": strength,
+            "coherent": coherent,
+            "note": note,
+        })
+    return out
+
+
+def write(path, rows):
     with open(path, "w") as f:
-        for o in out:
+        for o in rows:
             f.write(json.dumps(o, ensure_ascii=False) + "\n")
-    print(f"wrote {path} ({len(out)} lines)")
+    print(f"wrote {path} ({len(rows)} lines)")
 
 
 if __name__ == "__main__":

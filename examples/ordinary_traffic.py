@@ -1,7 +1,7 @@
 """Where ordinary chat traffic projects, against the drift alert thresholds of a vector library.
 
 Eight everyday prompts, no system prompt, greedy replies of 48 tokens, every vector monitored at
-its recommended layer (`persona_monitor: true`), with the default model in vLLM. For each trait
+its monitoring layer (`persona_monitor: true`), with the default model in vLLM. For each trait
 the mean reply projection is printed beside the warning and critical thresholds that
 `personavec deploy rules` derives from the same vectors: an alert that fires on this traffic
 would page someone for nothing. Results go to `examples/results/ordinary_traffic.{md,json}`.

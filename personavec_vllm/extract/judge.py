@@ -91,7 +91,7 @@ class HandLabels:
         self.folder = Path(folder)
 
     def describe(self) -> str:
-        return f"hand labels in {self.folder}"
+        return f"hand labels ({self.folder.name}/<trait>.answers.labels.jsonl)"
 
     def score(self, trait, answers) -> None:
         import json

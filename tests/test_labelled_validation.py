@@ -61,6 +61,7 @@ def test_the_table_is_what_the_labels_and_projections_give(answers):
         for key in ("auc", "auc_layer0", "auc_by_prompt", "auc_lopo"):
             assert _close(got[key], row[key]), (trait, key)
         assert all(_close(x, y) for x, y in zip(got["auc_ci95"], row["auc_ci95"])), trait
+        assert all(_close(x, y) for x, y in zip(got["auc_lopo_ci95"], row["auc_lopo_ci95"])), trait
         assert all(_close(x, y) for x, y in zip(got["auc_by_layer"], row["auc_by_layer"])), trait
     for name, row in recorded["specificity"].items():
         for other, value in row.items():
@@ -70,3 +71,55 @@ def test_the_table_is_what_the_labels_and_projections_give(answers):
 def test_the_library_readme_shows_the_table():
     table = (LABELS / "VALIDATION.md").read_text()
     assert table.strip() in (LIBRARY / "README.md").read_text()
+
+
+def test_every_extraction_answer_is_labelled_and_the_vectors_use_the_labelled_filter():
+    """The shipped vectors were built from the pairs the hand labels keep (`extract --labels`)."""
+    from personavec_vllm.extract.judge import HandLabels
+    from personavec_vllm.extract.pipeline import Answer, keep_pair, pair_up
+    from personavec_vllm.traits import load_trait
+
+    for trait in TRAITS:
+        lines = (LIBRARY / "reports" / f"{trait}.answers.jsonl").read_text().splitlines()
+        answers = [Answer(**json.loads(x)) for x in lines if x]
+        HandLabels(str(LABELS)).score(load_trait(trait), answers)  # raises unless every text is labelled
+        line = {id(a): i for i, a in enumerate(answers)}
+        kept = [[line[id(p)], line[id(n)]] for p, n in pair_up(answers) if keep_pair(p, n)]
+        report = json.loads((LIBRARY / "reports" / f"{trait}.json").read_text())
+        assert report["kept_pairs"] == kept and report["pairs_kept"] == len(kept) > 0, trait
+        vector = next(v for v in load_vectors([LIBRARY], [trait]))
+        assert vector.extra["pairs_kept"] == str(len(kept)) and vector.extra["judge"].startswith("hand labels")
+
+
+def test_the_library_readme_shows_every_result_table():
+    readme = (LIBRARY / "README.md").read_text()
+    for name in ("STEERING.md", "GRADED.md", "FINETUNE.md"):
+        assert (LABELS / name).read_text().strip() in readme, name
+
+
+@pytest.mark.slow
+def test_steering_controls_and_graded_prompts_reproduce():
+    """Recompute part of the stored steering-control and graded-prompt results with the HF model."""
+    import numpy as np
+
+    from personavec_vllm.extract.controls import graded_prompt_points, steering_controls
+    from personavec_vllm.models import resolve_model
+    from personavec_vllm.screen import load_hf
+    from personavec_vllm.traits import load_trait
+
+    model, tokenizer = load_hf(resolve_model(None))
+    evil = load_trait("evil")
+    vector = next(v for v in load_vectors([LIBRARY], ["evil"]))
+    stored = next(r for r in json.loads((LABELS / "steering_controls.json").read_text()) if r["vector"] == "evil")
+    got = steering_controls(
+        model, tokenizer, [evil], "evil", vector.vectors, stored["layer"], stored["coeff"], n_random=2
+    )
+    assert got["on_target_gain"] == pytest.approx(stored["on_target_gain"], abs=1e-4)
+    assert got["random_gains"] == pytest.approx(stored["random_gains"][:2], abs=1e-4)
+    graded = json.loads((LABELS / "graded_prompts.json").read_text())["evil"]
+    points = graded_prompt_points(model, tokenizer, evil, vector.vectors, [graded["instructions"][0]])
+    assert float(points["p_trait"].mean()) == pytest.approx(graded["by_level"]["p_trait"][0], abs=1e-4)
+    layer = graded["layer"]
+    assert float(np.mean(points["projection"][:, layer])) == pytest.approx(
+        graded["by_level"]["projection"][0], abs=1e-2
+    )

@@ -1,4 +1,5 @@
-"""An LLM judge on any OpenAI-compatible endpoint.
+"""What scores extraction answers: an LLM judge on any OpenAI-compatible endpoint (`Judge`), or
+hand labels written by reading the answers (`HandLabels`), where no judge is reachable.
 
 Score = probability-weighted mean over the integer tokens 0..100 among the judge's top
 log-probabilities for its first answer token (as in the persona-vectors paper), so a judge

@@ -2,12 +2,15 @@
 
 1. `generate_answers`: every extraction question under every positive and every negative system
    prompt of the trait, `samples` answers each, with the vLLM engine (batched, seeded).
-2. `judge_pairs` (optional): keep (positive, negative) answer pairs where the positive expresses
-   the trait (score >= 50) and the negative does not (< 50), both coherent.
+2. a judge (optional: an LLM judge or hand labels, `extract.judge`) scores every answer;
+   `keep_pair` keeps (positive, negative) answer pairs where the positive expresses the trait
+   (score >= 50) and the negative does not (< 50), both coherent.
 3. `hidden_means`: per answer and layer, the mean residual stream over the response tokens
    (plus the prompt-average and last-prompt-token variants), from an HF forward pass.
 4. `diff_mean`: vector = mean over kept positive answers - mean over kept negative answers,
-   float32, written in the vector file format with metadata and projection statistics.
+   float32, written in the vector file format with metadata and projection statistics; the
+   sweep picks the steering layer, the held-out answers read without their instruction the
+   monitoring layer.
 """
 
 from __future__ import annotations

@@ -139,7 +139,9 @@ class PersonaVector:
         if bad:
             raise VectorFileError(f"vector {self.name!r}: metadata values must be strings ({bad[0]!r})")
         raw_monitor = self.extra.get(MONITOR_LAYER_KEY)
-        if raw_monitor is not None and not (raw_monitor.isdigit() and 1 <= int(raw_monitor) <= self.num_layers):
+        if raw_monitor is not None and not (
+            re.fullmatch(r"[0-9]{1,6}", raw_monitor) and 1 <= int(raw_monitor) <= self.num_layers
+        ):
             raise VectorFileError(
                 f"vector {self.name!r}: metadata `{MONITOR_LAYER_KEY}` must be a layer in 1..{self.num_layers}, "
                 f"got {raw_monitor[:20]!r}"

@@ -408,7 +408,7 @@ def test_monitoring_layer_is_its_own_metadata_and_the_monitoring_default(tmp_pat
     assert {(t.vector, t.layers) for t in spec.monitor} == {("evil", (4,)), ("kind", (3,))}
     named = parse_spec(None, {"vectors": ["evil"], "layers": [1]}, library)
     assert named.monitor[0].layers == (1,)
-    for bad in ("0", "5", "x", "-1", ""):
+    for bad in ("0", "5", "x", "-1", "", "\u00b2", "\u0663", "01x"):  # superscript 2, Arabic-Indic 3: isdigit, not int
         with pytest.raises(VectorFileError, match="monitor_layer"):
             _vector(extra={"monitor_layer": bad})
 

@@ -20,8 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from personavec_vllm.extract.sweep import mc_item_probabilities
-from personavec_vllm.hf.hidden import chat_prompt
+from personavec_vllm.extract.sweep import answer_probabilities, mc_batch, mc_item_probabilities
 from personavec_vllm.hf.hooks import on_residual, recorder
 from personavec_vllm.hf.layers import decoder_layers
 from personavec_vllm.projection import layer_projections
@@ -114,32 +113,15 @@ def graded_prompt_points(
     num_layers = len(decoder_layers(model))
     levels, projections, probabilities = [], [], []
     for level, instruction in enumerate(instructions):
-        users = [
-            f"{item.question}\n\n{instruction}" if instruction else item.question for item in trait.multiple_choice
-        ]
-        sequences, spans = [], []
-        for item, user in zip(trait.multiple_choice, users):
-            for answer in (item.trait_answer, item.other_answer):
-                ids, start = chat_prompt(tokenizer, None, user, answer)
-                sequences.append(ids)
-                spans.append((start, len(ids)))
-        width = max(len(s) for s in sequences)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
-        attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+        input_ids, attention, spans = mc_batch(tokenizer, trait, instruction)
         captured: dict[int, torch.Tensor] = {}
         with on_residual(model, [(k, recorder(captured, k)) for k in range(1, num_layers + 1)]):
             out = model(input_ids=input_ids, attention_mask=attention, output_hidden_states=True)
-        logp = torch.log_softmax(out.logits.float(), dim=-1)
-        scores = []
-        for i, (start, end) in enumerate(spans):
-            targets = input_ids[i, start:end]
-            scores.append(logp[i, start - 1 : end - 1].gather(1, targets[:, None]).mean())
-        p = torch.softmax(torch.stack(scores).view(-1, 2), dim=1)[:, 0]
+        p = answer_probabilities(out.logits, input_ids, spans)
         # the last prompt token's residual stream (row 0: embeddings; rows 1..L captured by hooks
         # before the final norm, as hf.hidden does), read from the trait-answer rows
         stream = torch.stack([out.hidden_states[0].float()] + [captured[k] for k in range(1, num_layers + 1)], dim=1)
-        last = torch.stack([stream[2 * k, :, spans[2 * k][0] - 1] for k in range(len(users))])
+        last = torch.stack([stream[i, :, spans[i][0] - 1] for i in range(0, len(spans), 2)])
         levels += [level] * len(trait.multiple_choice)
         projections.append(layer_projections(last, vector).numpy())
         probabilities.append(p.numpy())

@@ -119,25 +119,45 @@ def mc_measure(
     return float(mc_item_probabilities(model, tokenizer, trait, vector, layer, coeff).mean())
 
 
-@torch.no_grad()
-def mc_item_probabilities(
-    model, tokenizer, trait: TraitDefinition, vector: torch.Tensor | None, layer: int, coeff: float
-) -> torch.Tensor:
-    """Probability of the trait-expressing answer, per multiple-choice item `[items]`, with
-    `coeff * vector[layer]` added at the response positions (`vector` may be `[L+1, H]`)."""
+def mc_batch(tokenizer, trait: TraitDefinition, instruction: str = "") -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Right-padded `(input_ids, attention_mask, spans)` of every multiple-choice item followed by
+    its trait answer (even rows) and its other answer (odd rows), `instruction` (if any) after
+    the question; `spans[i]` = (first answer token, end) of row `i` (right padding keeps the
+    real tokens' positions)."""
     sequences, spans = [], []
     for item in trait.multiple_choice:
+        user = f"{item.question}\n\n{instruction}" if instruction else item.question
         for answer in (item.trait_answer, item.other_answer):
-            ids, start = chat_prompt(tokenizer, None, item.question, answer)
+            ids, start = chat_prompt(tokenizer, None, user, answer)
             sequences.append(ids)
             spans.append((start, len(ids)))
     width = max(len(s) for s in sequences)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
     attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
-    # response positions: the last prompt token and every answer token (right padding keeps
-    # the real tokens' positions)
-    mask = torch.zeros(len(sequences), width, 1)
+    return input_ids, attention, spans
+
+
+def answer_probabilities(logits: torch.Tensor, input_ids: torch.Tensor, spans: list) -> torch.Tensor:
+    """Per item, the probability of the trait answer against the other one: a softmax over the
+    two answers' mean token log-probabilities (rows as `mc_batch` lays them out)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    means = []
+    for i, (start, end) in enumerate(spans):
+        targets = input_ids[i, start:end]
+        means.append(logp[i, start - 1 : end - 1].gather(1, targets[:, None]).squeeze(1).mean())
+    return torch.softmax(torch.stack(means).view(-1, 2), dim=1)[:, 0]
+
+
+@torch.no_grad()
+def mc_item_probabilities(
+    model, tokenizer, trait: TraitDefinition, vector: torch.Tensor | None, layer: int, coeff: float
+) -> torch.Tensor:
+    """Probability of the trait-expressing answer, per multiple-choice item `[items]`, with
+    `coeff * vector[layer]` added at the response positions (`vector` may be `[L+1, H]`)."""
+    input_ids, attention, spans = mc_batch(tokenizer, trait)
+    # response positions: the last prompt token and every answer token
+    mask = torch.zeros(*input_ids.shape, 1)
     for i, (start, end) in enumerate(spans):
         mask[i, start - 1 : end] = 1.0
 
@@ -145,15 +165,8 @@ def mc_item_probabilities(
     if vector is not None and coeff != 0:
         hooks.append((layer, adder((coeff * vector[layer]).to(torch.float32), mask=mask)))
     with on_residual(model, hooks):
-        logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
-    logp = torch.log_softmax(logits, dim=-1)
-    means = []
-    for i, (start, end) in enumerate(spans):
-        targets = input_ids[i, start:end]
-        token_lp = logp[i, start - 1 : end - 1].gather(1, targets[:, None]).squeeze(1)
-        means.append(token_lp.mean())
-    scores = torch.stack(means).view(-1, 2)
-    return torch.softmax(scores, dim=1)[:, 0]
+        logits = model(input_ids=input_ids, attention_mask=attention).logits
+    return answer_probabilities(logits, input_ids, spans)
 
 
 def sweep(

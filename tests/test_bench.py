@@ -276,6 +276,84 @@ def test_cli_has_bench():
         cli.build_parser().parse_args(["bench", "--scenarios", "7"])
 
 
+def _cpu_stats(key: str, p: int, tok_per_s: float, worker_cpu_s: float) -> rep.LevelStats:
+    nan = math.nan
+    return rep.LevelStats(
+        key, 32, 32, 1000, 1000 / tok_per_s, tok_per_s, nan, nan, nan, nan, 0, nan, p, worker_cpu_s * 1.5, worker_cpu_s
+    )
+
+
+def test_cpu_ratios_divide_tokens_per_cpu_second():
+    # wall time is noise (other tenants); the plugin's worker spends 2 % more CPU per token
+    stats = []
+    for p, (plain_rate, plugin_rate) in enumerate([(160, 130), (120, 150), (140, 140)]):
+        stats.append(_cpu_stats("plain", p, plain_rate, 10.0 + p))
+        stats.append(_cpu_stats("unsteered", p, plugin_rate, (10.0 + p) * 1.02))
+    cpu = rep.ratio_spread(stats, metric="tok_per_worker_cpu_s")[("unsteered", 32)]
+    assert cpu.median == pytest.approx(1 / 1.02) and cpu.high - cpu.low == pytest.approx(0, abs=1e-12)
+    assert rep.ratio_spread(stats)[("unsteered", 32)].high > 1.2  # the wall-clock ratio is not
+    md = rep.ratio_table(stats, "tok_per_server_cpu_s")
+    assert "0.980" in md and "plugin, unsteered" in md
+
+
+def test_profile_counts_only_our_own_time(tmp_path):
+    from personavec_vllm.bench.profile import owner, summarize_stacks
+
+    site, ours = "/venv/lib/python3.11/site-packages", "/src/personavec_vllm"
+    fwd = f"forward ({site}/vllm/model_executor/models/llama.py:300)"
+    raw = tmp_path / "worker.txt"
+    raw.write_text(
+        "\n".join(
+            [  # our hook wrapping vLLM's forward: vLLM's time
+                f"_model_forward ({ours}/engine/worker.py:290);{fwd} 90",
+                # our op, called by vLLM's layer: ours
+                f"{fwd};steer_and_capture ({ours}/engine/op.py:60) 4",
+                # step planning inside our hook, torch below it: ours
+                f"_prepare_inputs ({ours}/engine/worker.py:285);plan_step ({ours}/engine/worker.py:170);"
+                f"set_token_rows ({ours}/engine/tables.py:360);copy_ ({site}/torch/_tensor.py:1) 3",
+                f"run (/usr/lib/python3.11/threading.py:10) 3",
+                "not a sample line",
+            ]
+        )
+    )
+    s = summarize_stacks(raw)
+    assert (s.samples, s.ours) == (100, 7) and s.ours_share == pytest.approx(0.07)
+    assert dict(s.by_function) == {"engine.op.steer_and_capture": 4, "engine.tables.set_token_rows": 3}
+    assert owner(f"{fwd}") is None
+    assert summarize_stacks(tmp_path / "missing.txt").samples == 0
+
+
+def test_chat_servers_leave_room_for_the_template():
+    # the longest chat prompt, rendered by the model's chat template, plus its output must fit the
+    # servers' --max-model-len (it did not: such requests came back with fewer tokens than asked)
+    from transformers import AutoTokenizer
+
+    import argparse
+
+    from personavec_vllm.bench.options import add_arguments
+    from personavec_vllm.bench.run import Bench
+    from personavec_vllm.bench.workload import with_fresh_words
+    from personavec_vllm.models import resolve_model
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--prompt-len", "512", "--output-len", "96"])
+    bench = Bench(args, "test")
+    bench.model = str(resolve_model(None))
+    bench.tokenizer = AutoTokenizer.from_pretrained(bench.model)
+    vocab = word_vocab(bench.tokenizer)
+    cfg = WorkloadConfig(0, LengthRange(512, 512), 0.6, LengthRange(96, 96))
+    longest = 0
+    for seed in range(4):
+        for req in with_fresh_words(make_workload(cfg, 4, vocab), vocab, seed, bench.tokenizer.decode):
+            msgs = [{"role": "user", "content": req.text}]
+            text = bench.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            longest = max(longest, len(bench.tokenizer(text, add_special_tokens=False)["input_ids"]))
+    argv = bench.server_args("<vectors>")
+    max_len = int(argv[argv.index("--max-model-len") + 1])
+    assert longest > 512 and longest + 96 <= max_len
+
+
 # ---- the whole benchmark ---------------------------------------------------------------------
 
 
@@ -302,6 +380,7 @@ def test_benchmark_smoke(tmp_path, tiny_llama):
             "--no-progress",
             "--passes",
             "2",
+            "--profile",
         ]
     )
     assert code == 0
@@ -318,6 +397,21 @@ def test_benchmark_smoke(tmp_path, tiny_llama):
         (s.key, c, "-1") for s in scenarios if s.group == "hf" for c in ("1", "2")
     }
     assert all(r["errors"] == "0" and float(r["tok_per_s"]) > 0 for r in rows)
+    # every server measurement counted its processes' CPU; the profiled pass is not in the rows
+    assert all(
+        float(r["worker_cpu_s"]) > 0 and float(r["server_cpu_s"]) > float(r["worker_cpu_s"])
+        for r in rows
+        if r["pass_index"] != "-1"
+    )
+    assert "## Output tokens per CPU second relative to plain vLLM" in md
+    profile = md.split("## Where the time goes", 1)[1].split("\n## ", 1)[0]
+    for s in server:
+        for role in ("api server", "engine core", "worker"):
+            assert f"| {label(s.key)} | 2 | {role} |" in profile, (s.key, role)
+    from personavec_vllm.bench.profile import summarize_stacks
+
+    sampled = [summarize_stacks(f).samples for f in (out / "serving_profile").glob("*_worker.txt")]
+    assert len(sampled) == 2 * len(server) and sum(sampled) > 0  # py-spy sampled the workers
     assert all(int(r["output_tokens"]) == int(rows[0]["output_tokens"]) for r in rows)  # same work everywhere
     for png in ("serving_throughput.png", "serving_latency.png"):
         assert (out / png).stat().st_size > 1000

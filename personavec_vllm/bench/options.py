@@ -90,6 +90,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "each time (default 3): ratios are medians over passes, with the lowest and highest reported",
     )
     p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the passes, one more (not in the ratios) with py-spy sampling each server process "
+        "(API server, engine core, worker); writes <prefix>_profile/ and a table of the share of "
+        "samples in our code",
+    )
+    p.add_argument(
         "--api",
         choices=("chat", "completions"),
         default="chat",

@@ -58,6 +58,20 @@ class LevelStats:
     # included): other tenants of a shared machine, the reason to distrust a level
     other_cpu: float = math.nan
     pass_index: int = 0
+    # CPU seconds the server's processes used over the level (/proc; NaN for the HF reference):
+    # unlike wall time, not stretched by waiting for a core (other tenants, steal)
+    server_cpu_s: float = math.nan
+    worker_cpu_s: float = math.nan
+
+    @property
+    def tok_per_worker_cpu_s(self) -> float:
+        """Output tokens per CPU second of the engine's worker (where the model runs)."""
+        return self.output_tokens / self.worker_cpu_s if self.worker_cpu_s > 0 else math.nan
+
+    @property
+    def tok_per_server_cpu_s(self) -> float:
+        """Output tokens per CPU second of all the server's processes."""
+        return self.output_tokens / self.server_cpu_s if self.server_cpu_s > 0 else math.nan
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -146,12 +160,14 @@ class Ratio:
     passes: int
 
 
-def _rates(stats: Sequence[LevelStats], key: str) -> dict[int, dict[int, float]]:
-    """{concurrency: {pass: tok/s}} of scenario `key`."""
+def _rates(stats: Sequence[LevelStats], key: str, metric: str = "tok_per_s") -> dict[int, dict[int, float]]:
+    """{concurrency: {pass: value}} of scenario `key`; `metric`: a `LevelStats` attribute where
+    higher is better (output tok/s, or output tokens per CPU second)."""
     out: dict[int, dict[int, float]] = {}
     for s in stats:
-        if s.scenario == key and not math.isnan(s.tok_per_s):
-            out.setdefault(s.concurrency, {})[s.pass_index] = s.tok_per_s
+        value = getattr(s, metric)
+        if s.scenario == key and not math.isnan(value):
+            out.setdefault(s.concurrency, {})[s.pass_index] = value
     return out
 
 
@@ -160,13 +176,15 @@ def baseline_rates(stats: Sequence[LevelStats], baseline: str = BASELINE) -> dic
     return {c: median(list(by_pass.values())) for c, by_pass in _rates(stats, baseline).items()}
 
 
-def ratio_spread(stats: Sequence[LevelStats], baseline: str = BASELINE) -> dict[tuple[str, int], Ratio]:
+def ratio_spread(
+    stats: Sequence[LevelStats], baseline: str = BASELINE, metric: str = "tok_per_s"
+) -> dict[tuple[str, int], Ratio]:
     """`Ratio` of every (scenario, concurrency). A pass the baseline did not run in (the HF
     reference, measured once) divides by the baseline's median."""
-    base = _rates(stats, baseline)
+    base = _rates(stats, baseline, metric)
     out = {}
     for key in {s.scenario for s in stats}:
-        for c, by_pass in _rates(stats, key).items():
+        for c, by_pass in _rates(stats, key, metric).items():
             if c not in base:
                 continue
             mid = median(list(base[c].values()))
@@ -258,6 +276,7 @@ class Report:
     checks: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     wall_s: float = math.nan
+    profile: str = ""  # Markdown of `--profile`'s extra pass (bench.profile)
 
 
 def _fmt(v: float, digits: int = 1) -> str:
@@ -281,12 +300,14 @@ def _ratio_cell(r: Ratio | None) -> str:
     return f"{r.median:.3f} ({r.low:.3f}-{r.high:.3f})"
 
 
-def ratio_table(stats: Sequence[LevelStats]) -> str:
-    """Markdown: output tok/s ratio to the baseline, scenarios x concurrency: the median over
-    passes and (in brackets) the lowest and highest pass."""
-    levels, r = _levels(stats), ratio_spread(stats)
+def ratio_table(stats: Sequence[LevelStats], metric: str = "tok_per_s") -> str:
+    """Markdown: `metric` (default output tok/s) over the baseline's, scenarios x concurrency:
+    the median over passes and (in brackets) the lowest and highest pass."""
+    levels, r = _levels(stats), ratio_spread(stats, metric=metric)
     lines = ["| scenario | " + " | ".join(f"c={c}" for c in levels) + " |", "|---|" + "---:|" * len(levels)]
     for key in _scenarios(stats):
+        if not any((key, c) in r for c in levels):
+            continue
         cells = [_ratio_cell(r.get((key, c))) for c in levels]
         lines.append(f"| {label(key)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -366,6 +387,26 @@ def markdown(report: Report, plot_files: Sequence[str] = ()) -> str:
         "",
     ]
     parts += [ratio_table(report.stats), ""]
+    if any(not math.isnan(s.tok_per_worker_cpu_s) for s in report.stats):
+        parts += ["## Output tokens per CPU second relative to plain vLLM", ""]
+        parts += [
+            "The same measurements counted in CPU seconds (/proc) instead of wall time: time a process "
+            "waited for a core (other tenants, the hypervisor's steal) is not in them, so these ratios "
+            "are steadier than the headline's on a shared machine. The worker is the process that runs "
+            "the model; the whole server adds the API server and the engine core (whose busy-wait for "
+            "the worker grows with wall time).",
+            "",
+            "Worker:",
+            "",
+            ratio_table(report.stats, "tok_per_worker_cpu_s"),
+            "",
+            "Whole server:",
+            "",
+            ratio_table(report.stats, "tok_per_server_cpu_s"),
+            "",
+        ]
+    if report.profile:
+        parts += ["## Where the time goes (sampling profile, one extra pass)", "", report.profile, ""]
     if any(s.scenario in ("hf_same", "hf_distinct") for s in report.stats):
         parts += ["## Against the HF transformers reference (output tokens/s ratio)", "", hf_table(report.stats), ""]
     parts += ["## Targets (measured, not asserted)", "", targets_table(report.stats), ""]

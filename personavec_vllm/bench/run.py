@@ -101,7 +101,7 @@ class Bench:
 
     def server_args(self, vectors_dir: str) -> list[str]:
         a = self.args
-        max_len = a.prompt_len.max + a.output_len.max + 16
+        max_len = a.prompt_len.max + self.template_tokens + a.output_len.max + 16
         argv = [
             "--model",
             self.model,
@@ -139,10 +139,23 @@ class Bench:
             env["VLLM_PLUGINS"] = ",".join(others) or "none"
         return env
 
+    @property
+    def template_tokens(self) -> int:
+        """Tokens the chat API adds around a prompt (the chat template, and a token of slack for
+        re-tokenizing the decoded words); 0 for the completions API. Without them the longest
+        prompts left less room than their output length and came back short."""
+        if self.args.api != "chat" or not getattr(self.tokenizer, "chat_template", None):
+            return 0
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False
+        )
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     @contextlib.contextmanager
     def server(self, plugin: bool):
         """One server (plain vLLM or personavec), checked and warmed up; yields its base URL."""
-        from personavec_vllm.testing import free_port, run_server
+        from personavec_vllm.bench.profile import server_roles
+        from personavec_vllm.testing import free_port, server_process
 
         env = self.server_env(plugin)
         which = "plugin" if plugin else "plain"
@@ -154,13 +167,15 @@ class Bench:
         )
         t = time.monotonic()
         try:
-            with run_server(
+            with server_process(
                 self.server_args(self.vectors.directory),
                 port=free_port(),
                 log_path=log_path,
                 env=env,
                 startup_timeout=self.args.startup_timeout,
-            ) as base:
+            ) as proc:
+                base = proc.url
+                self.roles[base] = server_roles(proc.group_pids(), proc.proc.pid)
                 log(f"server ready after {time.monotonic() - t:.0f} s")
                 self.notes.append(f"{which} server start: {time.monotonic() - t:.0f} s (not measured)")
                 self.record_threads(log_path, which)
@@ -193,6 +208,11 @@ class Bench:
                     shift = (p + li) % len(order)
                     for key in order[shift:] + order[:shift]:
                         self.measure_level(bases[key], key, c, p)
+            if self.args.profile:
+                log("profiled pass (py-spy on every server process; not in the ratios)")
+                for c in self.levels:
+                    for key in order:
+                        self.measure_level(bases[key], key, c, self.args.passes, profile=True)
 
     def record_threads(self, log_path: Path, which: str) -> None:
         """Note the cores vLLM bound its CPU worker's OpenMP threads to (from the server log)."""
@@ -326,28 +346,35 @@ class Bench:
         with urllib.request.urlopen(req, timeout=60) as resp:
             resp.read()
 
-    def measure_level(self, base: str, key: str, c: int, pass_index: int) -> None:
+    def measure_level(self, base: str, key: str, c: int, pass_index: int, profile: bool = False) -> None:
         from personavec_vllm.bench.scenarios import policy_document
 
         if key != "policy_monitor3":
-            self._measure_level(base, key, c, pass_index)
+            self._measure_level(base, key, c, pass_index, profile)
             return
         self.set_policy(base, policy_document(self.vectors))
         try:
-            self._measure_level(base, key, c, pass_index)
+            self._measure_level(base, key, c, pass_index, profile)
         finally:
             self.set_policy(base, "")
 
-    def _measure_level(self, base: str, key: str, c: int, pass_index: int) -> None:
+    def _measure_level(self, base: str, key: str, c: int, pass_index: int, profile: bool) -> None:
         from personavec_vllm.bench.client import run_level
+        from personavec_vllm.bench.profile import ProcessCpu, ProfiledLevel, sampling, summarize_stacks
         from personavec_vllm.bench.report import summarize
         from personavec_vllm.bench.scenarios import SCENARIOS, label, persona_fields
 
         number = [s.key for s in SCENARIOS].index(key)
         reqs = self.words_for(pass_index, number)[: self.per_level[c]]
         bar = Progress(len(reqs), f"{label(key)} c={c} pass {pass_index + 1}", not self.args.no_progress)
+        roles = self.roles[base]
+        stacks_dir = self.out / f"{self.args.prefix}_profile"
         meter = CpuMeter()
-        try:
+        with contextlib.ExitStack() as stack:
+            stack.callback(bar.close)
+            files = stack.enter_context(sampling(roles, stacks_dir, f"{key}_c{c}")) if profile else {}
+            cpu = stack.enter_context(ProcessCpu.measure(roles))
+            t0 = time.perf_counter()
             res = run_level(
                 base,
                 SERVED_NAME,
@@ -360,12 +387,20 @@ class Bench:
                 pass_index=pass_index,
                 **self.protocol,
             )
-        finally:
-            bar.close()
-        self.other_cpu[(key, c, pass_index)] = meter.stop()
-        self.results.extend(res)
+            wall = time.perf_counter() - t0
         s = summarize(res)
-        s.other_cpu = self.other_cpu[(key, c, pass_index)]
+        s.other_cpu = meter.stop()
+        if profile:
+            stacks = {role: summarize_stacks(path) for role, path in files.items()}
+            self.profiled.append(ProfiledLevel(key, c, s.output_tokens, wall, cpu.seconds, stacks))
+            log(
+                f"{label(key):<28} c={c:<3} profiled: "
+                + ", ".join(f"{role} {100 * st.ours_share:.2f} % ours of {st.samples}" for role, st in stacks.items())
+            )
+            return
+        self.other_cpu[(key, c, pass_index)] = s.other_cpu
+        self.server_cpu[(key, c, pass_index)] = (sum(cpu.seconds.values()), cpu.seconds.get("worker", math.nan))
+        self.results.extend(res)
         errs = f", {s.errors} ERRORS (first: {next(r.error for r in res if r.error)})" if s.errors else ""
         log(
             f"{label(key):<28} c={c:<3} pass {pass_index + 1} {s.tok_per_s:8.1f} tok/s  latency p50 "
@@ -385,6 +420,7 @@ class Bench:
     def run(self) -> int:
         from transformers import AutoTokenizer
 
+        from personavec_vllm.bench.profile import profile_table
         from personavec_vllm.bench.report import Report, summarize_all, write_report
         from personavec_vllm.bench.scenarios import HF_SCENARIOS, PLUGIN_SCENARIOS
         from personavec_vllm.bench.workload import WorkloadConfig, make_workload, word_vocab
@@ -402,6 +438,9 @@ class Bench:
         self.check_texts: dict[str, str] = {}
         self.worker_threads = None
         self.other_cpu: dict[tuple[str, int, int], float] = {}
+        self.server_cpu: dict[tuple[str, int, int], tuple[float, float]] = {}  # (all processes, worker)
+        self.roles: dict[str, dict[str, int]] = {}  # base URL -> {role: pid}
+        self.profiled: list = []  # bench.profile.ProfiledLevel of the --profile pass
         with tempfile.TemporaryDirectory(prefix="personavec-bench-") as tmp:
             self.tmp = tmp
             vdir = Path(tmp) / "vectors"
@@ -421,6 +460,9 @@ class Bench:
         stats = summarize_all(self.results)
         for s in stats:
             s.other_cpu = self.other_cpu.get((s.scenario, s.concurrency, s.pass_index), math.nan)
+            s.server_cpu_s, s.worker_cpu_s = self.server_cpu.get(
+                (s.scenario, s.concurrency, s.pass_index), (math.nan, math.nan)
+            )
         machine["load average at end (1/5/15 min)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
         v = self.vectors
         config = {
@@ -454,6 +496,7 @@ class Bench:
             checks=self.checks,
             notes=self.notes,
             wall_s=time.monotonic() - t_start,
+            profile=profile_table(self.profiled) if self.profiled else "",
         )
         files = write_report(report, self.out, a.prefix)
         from personavec_vllm.bench.report import ratio_table

@@ -311,7 +311,7 @@ def test_profile_counts_only_our_own_time(tmp_path):
                 # step planning inside our hook, torch below it: ours
                 f"_prepare_inputs ({ours}/engine/worker.py:285);plan_step ({ours}/engine/worker.py:170);"
                 f"set_token_rows ({ours}/engine/tables.py:360);copy_ ({site}/torch/_tensor.py:1) 3",
-                f"run (/usr/lib/python3.11/threading.py:10) 3",
+                "run (/usr/lib/python3.11/threading.py:10) 3",
                 "not a sample line",
             ]
         )
@@ -326,9 +326,9 @@ def test_profile_counts_only_our_own_time(tmp_path):
 def test_chat_servers_leave_room_for_the_template():
     # the longest chat prompt, rendered by the model's chat template, plus its output must fit the
     # servers' --max-model-len (it did not: such requests came back with fewer tokens than asked)
-    from transformers import AutoTokenizer
-
     import argparse
+
+    from transformers import AutoTokenizer
 
     from personavec_vllm.bench.options import add_arguments
     from personavec_vllm.bench.run import Bench

@@ -69,6 +69,48 @@ class ProcessCpu:
             out.seconds = {role: cpu_seconds(pid) - before[role] for role, pid in roles.items()}
 
 
+# vLLM's counters ------------------------------------------------------------------------------
+
+ENGINE_COUNTERS = ("vllm:prompt_tokens_total", "vllm:prompt_tokens_cached_total", "vllm:num_preemptions_total")
+
+
+def engine_counters(base_url: str) -> dict[str, float]:
+    """vLLM's own Prometheus counters of the work done (summed over engines and labels)."""
+    import urllib.request
+
+    with urllib.request.urlopen(base_url.rstrip("/") + "/metrics", timeout=60) as resp:
+        text = resp.read().decode()
+    out = dict.fromkeys(ENGINE_COUNTERS, 0.0)
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in out:
+            out[name] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+@dataclass
+class EngineWork:
+    """What the engine computed over one measurement: prompt tokens after prefix-cache hits, and
+    preemptions (each recomputes a request's tokens). The same requests can cost very different
+    work depending on when they reach the scheduler; this says how much a measurement did."""
+
+    prompt_tokens_computed: float = float("nan")
+    preemptions: float = float("nan")
+
+    @classmethod
+    @contextlib.contextmanager
+    def measure(cls, base_url: str) -> Iterator[EngineWork]:
+        out = cls()
+        before = engine_counters(base_url)
+        try:
+            yield out
+        finally:
+            after = engine_counters(base_url)
+            d = {k: after[k] - before[k] for k in ENGINE_COUNTERS}
+            out.prompt_tokens_computed = d["vllm:prompt_tokens_total"] - d["vllm:prompt_tokens_cached_total"]
+            out.preemptions = d["vllm:num_preemptions_total"]
+
+
 # sampling profiles ----------------------------------------------------------------------------
 
 

@@ -62,6 +62,9 @@ class LevelStats:
     # unlike wall time, not stretched by waiting for a core (other tenants, steal)
     server_cpu_s: float = math.nan
     worker_cpu_s: float = math.nan
+    # vLLM's counters over the level: prompt tokens computed (prefix-cache hits excluded), preemptions
+    prompt_tokens_computed: float = math.nan
+    preemptions: float = math.nan
 
     @property
     def tok_per_worker_cpu_s(self) -> float:
@@ -319,8 +322,9 @@ def full_table(stats: Sequence[LevelStats]) -> str:
     base = _rates(stats, BASELINE)
     lines = [
         "| scenario | conc. | pass | requests | output tok/s | ratio to baseline | latency p50 (s) | latency p99 (s) "
-        "| TTFT p50 (s) | TTFT p99 (s) | errors | other CPU (cores) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| TTFT p50 (s) | TTFT p99 (s) | errors | other CPU (cores) | worker CPU ms / output token "
+        "| prompt tokens computed | preemptions |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in stats:
         by_pass = base.get(s.concurrency, {})
@@ -330,7 +334,8 @@ def full_table(stats: Sequence[LevelStats]) -> str:
             f"| {label(s.scenario)} | {s.concurrency} | {s.pass_index if s.pass_index >= 0 else 'once'} | "
             f"{s.requests} | {_fmt(s.tok_per_s)} | {_fmt(ratio, 3)} | {_fmt(s.latency_p50, 2)} | "
             f"{_fmt(s.latency_p99, 2)} | {_fmt(s.ttft_p50, 2)} | {_fmt(s.ttft_p99, 2)} | {s.errors} | "
-            f"{_fmt(s.other_cpu, 2)} |"
+            f"{_fmt(s.other_cpu, 2)} | {_fmt(1000 * s.worker_cpu_s / s.output_tokens if s.output_tokens else math.nan, 2)} | {_fmt(s.prompt_tokens_computed, 0)} | "
+            f"{_fmt(s.preemptions, 0)} |"
         )
     return "\n".join(lines)
 

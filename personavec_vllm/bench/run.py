@@ -360,7 +360,7 @@ class Bench:
 
     def _measure_level(self, base: str, key: str, c: int, pass_index: int, profile: bool) -> None:
         from personavec_vllm.bench.client import run_level
-        from personavec_vllm.bench.profile import ProcessCpu, ProfiledLevel, sampling, summarize_stacks
+        from personavec_vllm.bench.profile import EngineWork, ProcessCpu, ProfiledLevel, sampling, summarize_stacks
         from personavec_vllm.bench.report import summarize
         from personavec_vllm.bench.scenarios import SCENARIOS, label, persona_fields
 
@@ -374,6 +374,7 @@ class Bench:
             stack.callback(bar.close)
             files = stack.enter_context(sampling(roles, stacks_dir, f"{key}_c{c}")) if profile else {}
             cpu = stack.enter_context(ProcessCpu.measure(roles))
+            work = stack.enter_context(EngineWork.measure(base))
             t0 = time.perf_counter()
             res = run_level(
                 base,
@@ -400,6 +401,7 @@ class Bench:
             return
         self.other_cpu[(key, c, pass_index)] = s.other_cpu
         self.server_cpu[(key, c, pass_index)] = (sum(cpu.seconds.values()), cpu.seconds.get("worker", math.nan))
+        self.engine_work[(key, c, pass_index)] = work
         self.results.extend(res)
         errs = f", {s.errors} ERRORS (first: {next(r.error for r in res if r.error)})" if s.errors else ""
         log(
@@ -440,6 +442,7 @@ class Bench:
         self.other_cpu: dict[tuple[str, int, int], float] = {}
         self.server_cpu: dict[tuple[str, int, int], tuple[float, float]] = {}  # (all processes, worker)
         self.roles: dict[str, dict[str, int]] = {}  # base URL -> {role: pid}
+        self.engine_work: dict = {}  # (scenario, c, pass) -> bench.profile.EngineWork
         self.profiled: list = []  # bench.profile.ProfiledLevel of the --profile pass
         with tempfile.TemporaryDirectory(prefix="personavec-bench-") as tmp:
             self.tmp = tmp
@@ -463,6 +466,8 @@ class Bench:
             s.server_cpu_s, s.worker_cpu_s = self.server_cpu.get(
                 (s.scenario, s.concurrency, s.pass_index), (math.nan, math.nan)
             )
+            if work := self.engine_work.get((s.scenario, s.concurrency, s.pass_index)):
+                s.prompt_tokens_computed, s.preemptions = work.prompt_tokens_computed, work.preemptions
         machine["load average at end (1/5/15 min)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
         v = self.vectors
         config = {

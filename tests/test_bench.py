@@ -404,7 +404,9 @@ def test_benchmark_smoke(tmp_path, tiny_llama):
         if r["pass_index"] != "-1"
     )
     assert all(
-        float(r["prompt_tokens_computed"]) > 0 and r["preemptions"] == "0" for r in rows if r["pass_index"] != "-1"
+        float(r["prompt_tokens_computed"]) > 0 and r["preemptions"] == "0" and float(r["engine_steps"]) > 0
+        for r in rows
+        if r["pass_index"] != "-1"
     )
     assert "## Output tokens per CPU second relative to plain vLLM" in md
     profile = md.split("## Where the time goes", 1)[1].split("\n## ", 1)[0]

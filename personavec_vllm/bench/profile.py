@@ -71,7 +71,12 @@ class ProcessCpu:
 
 # vLLM's counters ------------------------------------------------------------------------------
 
-ENGINE_COUNTERS = ("vllm:prompt_tokens_total", "vllm:prompt_tokens_cached_total", "vllm:num_preemptions_total")
+ENGINE_COUNTERS = (
+    "vllm:prompt_tokens_total",
+    "vllm:prompt_tokens_cached_total",
+    "vllm:num_preemptions_total",
+    "vllm:iteration_tokens_total_count",  # one observation per engine step
+)
 
 
 def engine_counters(base_url: str) -> dict[str, float]:
@@ -90,12 +95,13 @@ def engine_counters(base_url: str) -> dict[str, float]:
 
 @dataclass
 class EngineWork:
-    """What the engine computed over one measurement: prompt tokens after prefix-cache hits, and
-    preemptions (each recomputes a request's tokens). The same requests can cost very different
+    """What the engine computed over one measurement: prompt tokens after prefix-cache hits,
+    preemptions (each recomputes a request's tokens) and steps. The same requests can cost very different
     work depending on when they reach the scheduler; this says how much a measurement did."""
 
     prompt_tokens_computed: float = float("nan")
     preemptions: float = float("nan")
+    steps: float = float("nan")  # engine steps (forward passes): a decode step reads every weight once
 
     @classmethod
     @contextlib.contextmanager
@@ -109,6 +115,7 @@ class EngineWork:
             d = {k: after[k] - before[k] for k in ENGINE_COUNTERS}
             out.prompt_tokens_computed = d["vllm:prompt_tokens_total"] - d["vllm:prompt_tokens_cached_total"]
             out.preemptions = d["vllm:num_preemptions_total"]
+            out.steps = d["vllm:iteration_tokens_total_count"]
 
 
 # sampling profiles ----------------------------------------------------------------------------

@@ -467,7 +467,11 @@ class Bench:
                 (s.scenario, s.concurrency, s.pass_index), (math.nan, math.nan)
             )
             if work := self.engine_work.get((s.scenario, s.concurrency, s.pass_index)):
-                s.prompt_tokens_computed, s.preemptions = work.prompt_tokens_computed, work.preemptions
+                s.prompt_tokens_computed, s.preemptions, s.engine_steps = (
+                    work.prompt_tokens_computed,
+                    work.preemptions,
+                    work.steps,
+                )
         machine["load average at end (1/5/15 min)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
         v = self.vectors
         config = {

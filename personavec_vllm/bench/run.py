@@ -101,7 +101,10 @@ class Bench:
 
     def server_args(self, vectors_dir: str) -> list[str]:
         a = self.args
-        max_len = a.prompt_len.max + self.template_tokens + a.output_len.max + 16
+        from personavec_vllm.bench.workload import chat_template_tokens
+
+        template = chat_template_tokens(self.tokenizer) if a.api == "chat" else 0
+        max_len = a.prompt_len.max + template + a.output_len.max + 16
         argv = [
             "--model",
             self.model,
@@ -138,18 +141,6 @@ class Bench:
             # an allow-list naming every other installed general plugin, not ours
             env["VLLM_PLUGINS"] = ",".join(others) or "none"
         return env
-
-    @property
-    def template_tokens(self) -> int:
-        """Tokens the chat API adds around a prompt (the chat template, and a token of slack for
-        re-tokenizing the decoded words); 0 for the completions API. Without them the longest
-        prompts left less room than their output length and came back short."""
-        if self.args.api != "chat" or not getattr(self.tokenizer, "chat_template", None):
-            return 0
-        text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False
-        )
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     @contextlib.contextmanager
     def server(self, plugin: bool):
@@ -215,25 +206,14 @@ class Bench:
                         self.measure_level(bases[key], key, c, self.args.passes, profile=True)
 
     def record_threads(self, log_path: Path, which: str) -> None:
-        """Note the cores vLLM bound its CPU worker's OpenMP threads to (from the server log)."""
-        import re
+        """Note the KV cache's size and the cores vLLM bound its CPU worker's threads to."""
+        from personavec_vllm.bench.setup import server_log_facts
 
-        try:
-            text = log_path.read_text(errors="replace")
-        except OSError:
-            return
-        kv = re.search(r"KV cache size: ([0-9,]+) tokens", text)
-        self.kv_tokens = int(kv.group(1).replace(",", "")) if kv else 0
-        cores = re.search(r"local_rank=0, core ids=\[([0-9, ]*)\]", text)
-        reserved = re.search(r"reserved_cpus=\[([0-9, ]*)\]", text)
-        if cores:
-            ids = config.comma_list(cores.group(1))
-            self.worker_threads = len(ids)
-            self.notes.append(
-                f"{which} server: vLLM's CPU worker runs {len(ids)} OpenMP thread(s) on core(s) "
-                f"[{cores.group(1)}]"
-                + (f", reserving [{reserved.group(1)}] for its scheduler and API server" if reserved else "")
-            )
+        self.kv_tokens, self.worker_threads, note = server_log_facts(
+            log_path, which, self.kv_tokens, self.worker_threads
+        )
+        if note:
+            self.notes.append(note)
 
     def sanity_checks(self, base: str, plugin: bool) -> None:
         """Before timing: persona fields must be ignored by the plain server and applied by ours."""
@@ -333,30 +313,18 @@ class Bench:
         seed = self.args.seed * 1_000_003 + 1000 * (pass_index + 2) + scenario_index + 1
         return with_fresh_words(self.workload, self.vocab, seed, lambda ids: str(self.tokenizer.decode(ids)))
 
-    def set_policy(self, base: str, document: str) -> None:
-        """Put a server policy in force (scenario 5d), or clear it (an empty document)."""
-        import urllib.request
-
-        req = urllib.request.Request(
-            base + "/v1/persona/policy",
-            data=document.encode(),
-            method="PUT",
-            headers={"Authorization": f"Bearer {BENCH_ADMIN_KEY}"},
-        )
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            resp.read()
-
     def measure_level(self, base: str, key: str, c: int, pass_index: int, profile: bool = False) -> None:
         from personavec_vllm.bench.scenarios import policy_document
+        from personavec_vllm.bench.setup import put_policy
 
         if key != "policy_monitor3":
             self._measure_level(base, key, c, pass_index, profile)
             return
-        self.set_policy(base, policy_document(self.vectors))
+        put_policy(base, policy_document(self.vectors), BENCH_ADMIN_KEY)
         try:
             self._measure_level(base, key, c, pass_index, profile)
         finally:
-            self.set_policy(base, "")
+            put_policy(base, "", BENCH_ADMIN_KEY)
 
     def _measure_level(self, base: str, key: str, c: int, pass_index: int, profile: bool) -> None:
         from personavec_vllm.bench.client import run_level

@@ -187,6 +187,44 @@ class CpuMeter:
         return max(0.0, (self._machine() - self.m0) - (self._ours() - self.o0)) / dt
 
 
+def server_log_facts(log_path: Path, which: str, kv_tokens: int, threads: int | None) -> tuple[int, int | None, str]:
+    """From a server's log: the KV cache's size in tokens, how many OpenMP threads vLLM's CPU
+    worker runs, and a note naming its cores (the given values where the log says nothing)."""
+    import re
+
+    from personavec_vllm import config
+
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return kv_tokens, threads, ""
+    kv = re.search(r"KV cache size: ([0-9,]+) tokens", text)
+    kv_tokens = int(kv.group(1).replace(",", "")) if kv else 0
+    cores = re.search(r"local_rank=0, core ids=\[([0-9, ]*)\]", text)
+    reserved = re.search(r"reserved_cpus=\[([0-9, ]*)\]", text)
+    if not cores:
+        return kv_tokens, threads, ""
+    ids = config.comma_list(cores.group(1))
+    note = f"{which} server: vLLM's CPU worker runs {len(ids)} OpenMP thread(s) on core(s) [{cores.group(1)}]" + (
+        f", reserving [{reserved.group(1)}] for its scheduler and API server" if reserved else ""
+    )
+    return kv_tokens, len(ids), note
+
+
+def put_policy(base: str, document: str, admin_key: str) -> None:
+    """Put a server policy in force (scenario 5d), or clear it (an empty document)."""
+    import urllib.request
+
+    req = urllib.request.Request(
+        base + "/v1/persona/policy",
+        data=document.encode(),
+        method="PUT",
+        headers={"Authorization": f"Bearer {admin_key}"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        resp.read()
+
+
 def persona_check(key: str, vectors):
     """The check of each response's `persona` object for scenario `key`."""
     from personavec_vllm.bench.scenarios import persona_fields

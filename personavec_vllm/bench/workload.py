@@ -128,3 +128,13 @@ def word_vocab(tokenizer, limit: int = 5000) -> list[int]:
             if len(ids) >= limit:
                 break
     return ids
+
+
+def chat_template_tokens(tokenizer) -> int:
+    """Tokens the chat API adds around a prompt (the chat template's system prompt and role
+    markers, with a one-token message); 0 without a template. Servers must leave room for them
+    beside the longest prompt and output, or those requests come back short."""
+    if not getattr(tokenizer, "chat_template", None):
+        return 0
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -22,16 +22,12 @@ from transformers import AutoTokenizer
 
 from personavec_vllm import config
 from personavec_vllm.bench.client import run_level
+from personavec_vllm.bench.profile import proc_stat
 from personavec_vllm.bench.workload import LengthRange, WorkloadConfig, make_workload, with_fresh_words, word_vocab
 from personavec_vllm.cli.serve import PLUGIN_NAME, default_vllm_plugins
 from personavec_vllm.data import vectors_dir
 from personavec_vllm.models import DEFAULT_MODEL_NAME, resolve_model
 from personavec_vllm.testing import free_port, server_process
-
-
-def _stat(pid: int) -> tuple[float, int]:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[7])  # utime+stime, minflt
 
 
 def main() -> None:
@@ -78,16 +74,19 @@ def main() -> None:
             for name in names[shift:] + names[:shift]:
                 server = running[name]
                 reqs = with_fresh_words(work, vocab, 100 * pass_index + len(name), lambda ids: str(tok.decode(ids)))
-                before = {pid: _stat(pid) for pid in server.group_pids()}
+                before = {pid: proc_stat(pid) for pid in server.group_pids()}
                 t = time.perf_counter()
                 res = run_level(server.url, "m", name, 32, reqs, lambda i: {}, lambda p, i: None, **protocol)
                 wall = time.perf_counter() - t
                 usage = []
-                for pid, (cpu0, flt0) in before.items():
+                for pid, start in before.items():
                     with contextlib.suppress(OSError):
-                        cpu, flt = _stat(pid)
+                        end = proc_stat(pid)
+                        if start is None or end is None:
+                            continue
                         title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()[-20:]
-                        usage.append(f"{title}: {(cpu - cpu0) / wall:.2f} cores, {flt - flt0} faults")
+                        cores = (end.cpu_s - start.cpu_s) / wall
+                        usage.append(f"{title}: {cores:.2f} cores, {end.minor_faults - start.minor_faults} faults")
                 tokens = sum(r.output_tokens for r in res)
                 print(f"{name} pass {pass_index}: {tokens / wall:.1f} tok/s; " + "; ".join(usage), flush=True)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import random
 import statistics
 import sys
@@ -161,6 +162,7 @@ def _stats(key, c, tok_s, pass_index=0):
 
 FACTOR = {
     "plain": 1.0,
+    "plain_twin": 1.01,
     "unsteered": 0.995,
     "steer_same": 0.985,
     "steer_distinct": 0.96,
@@ -215,6 +217,24 @@ def test_ratios_are_per_pass_medians_with_spread():
     table = rep.ratio_table(stats)
     assert "| 2 plugin, unsteered | 0.980 (0.980-0.980) |" in table
     assert "| 1 vLLM, no plugin | 1.000 (0.889-1.111) |" in table
+
+
+def test_per_instance_ratios_show_a_server_starts_own_bias():
+    # two starts of the servers, two passes each: in start 1 the second plain server happened to
+    # run 6 % faster than the first in both passes, in start 2 as fast; the pooled median hides it
+    stats = []
+    for p, (instance, twin) in enumerate([(0, 1.06), (0, 1.06), (1, 1.0), (1, 1.0)]):
+        for key, factor in (("plain", 1.0), ("plain_twin", twin)):
+            s = _stats(key, 8, 100 * factor * (1 + p / 10), p)
+            s.instance = instance
+            stats.append(s)
+    assert rep.ratio_spread(stats)[("plain_twin", 8)] == rep.Ratio(
+        pytest.approx(1.03), pytest.approx(1.0), pytest.approx(1.06), 4
+    )
+    table = rep.instance_table(stats)
+    assert "| c=8, start 1 | c=8, start 2 |" in table
+    assert "| 1b vLLM, no plugin, second server | 1.060 (1.060-1.060) | 1.000 (1.000-1.000) |" in table
+    assert "| 1b vLLM, no plugin, second server | 8 | 2 | 3 |" in rep.full_table(stats)
 
 
 def test_summaries_are_per_pass_and_skip_missing_ttft():
@@ -274,6 +294,33 @@ def test_cli_has_bench():
     assert args.scenarios == ["plain", "steer_distinct", "hf_distinct"]
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["bench", "--scenarios", "7"])
+
+
+def test_server_env_reaches_both_servers_but_cannot_name_the_plugin():
+    from personavec_vllm import cli
+    from personavec_vllm.bench.run import Bench
+
+    tunables = "glibc.malloc.mmap_threshold=33554432"
+    args = cli.build_parser().parse_args(["bench", "--server-env", f"GLIBC_TUNABLES={tunables}", "--server-env", "A="])
+    bench = Bench(args, "test")
+    plain, plugin = bench.server_env(plugin=False), bench.server_env(plugin=True)
+    assert plain["GLIBC_TUNABLES"] == plugin["GLIBC_TUNABLES"] == tunables and plain["A"] == plugin["A"] == ""
+    assert "personavec" not in plain["VLLM_PLUGINS"] and "personavec" in plugin["VLLM_PLUGINS"]
+    for bad in ("VLLM_PLUGINS=personavec", "NOEQUALS", "1X=2"):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["bench", "--server-env", bad])
+
+
+def test_proc_stat_reads_cpu_and_page_faults():
+    from personavec_vllm.bench.profile import ProcessUsage, proc_stat
+
+    with ProcessUsage.measure({"me": os.getpid(), "gone": 2**22 + 1}) as usage:
+        buf = bytearray(64 * 2**20)  # fresh pages from the kernel: faults on first touch
+        buf[::4096] = b"x" * len(buf[::4096])
+        sum(range(200_000))
+    assert usage.minor_faults["me"] >= 1000 and usage.seconds["me"] > 0
+    assert math.isnan(usage.seconds["gone"]) and math.isnan(usage.minor_faults["gone"])
+    assert proc_stat(2**22 + 1) is None
 
 
 def _cpu_stats(key: str, p: int, tok_per_s: float, worker_cpu_s: float) -> rep.LevelStats:
@@ -379,12 +426,19 @@ def test_benchmark_smoke(tmp_path, tiny_llama):
             str(out),
             "--no-progress",
             "--passes",
+            "1",
+            "--instances",
             "2",
             "--profile",
+            "--server-env",
+            "PERSONAVEC_BENCH_SMOKE=1",
+            "--vllm-args",
+            "--num-gpu-blocks-override 64",  # a small KV cache: the warm-up fills it in seconds
         ]
     )
     assert code == 0
     md = (out / "serving.md").read_text()
+    assert "server environment (both): PERSONAVEC_BENCH_SMOKE=1" in md
     scenarios = list(SCENARIOS)
     for s in scenarios:
         assert label(s.key) in md, s.key
@@ -404,7 +458,10 @@ def test_benchmark_smoke(tmp_path, tiny_llama):
         if r["pass_index"] != "-1"
     )
     assert all(
-        float(r["prompt_tokens_computed"]) > 0 and r["preemptions"] == "0" and float(r["engine_steps"]) > 0
+        float(r["prompt_tokens_computed"]) > 0
+        and r["preemptions"] == "0"
+        and float(r["engine_steps"]) > 0
+        and float(r["worker_minor_faults"]) >= 0
         for r in rows
         if r["pass_index"] != "-1"
     )

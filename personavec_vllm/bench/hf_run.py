@@ -3,7 +3,6 @@ run after the vLLM servers stopped, with latencies from a closed loop over the m
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,12 +35,15 @@ def run_hf(bench: Bench, keys: list[str]) -> None:
             )
         return out
 
-    def report(key, c, res):
+    def record(key, c, res, other_cpu):
+        """Keep the level's results and its summary (measured once: pass index -1)."""
+        bench.results.extend(res)
         s = summarize(res)
+        s.other_cpu = other_cpu
+        bench.measured[(key, c, -1)] = s
         log(
             f"{label(key):<28} c={c:<3} {s.tok_per_s:8.1f} tok/s  latency p50 {s.latency_p50:6.2f} s  "
-            f"p99 {s.latency_p99:6.2f} s  TTFT p50 {s.ttft_p50:6.2f} s  "
-            f"other CPU {bench.other_cpu.get((key, c, -1), math.nan):4.2f} cores"
+            f"p99 {s.latency_p99:6.2f} s  TTFT p50 {s.ttft_p50:6.2f} s  other CPU {s.other_cpu:4.2f} cores"
         )
 
     if "hf_same" in keys:
@@ -53,10 +55,7 @@ def run_hf(bench: Bench, keys: list[str]) -> None:
                 reqs, same_spec_batches(len(reqs), c), lambda i: hf_terms("hf_same", i, bench.vectors), bar
             )
             bar.close()
-            bench.other_cpu[("hf_same", c, -1)] = meter.stop()
-            res = rows("hf_same", c, reqs, measured)
-            bench.results.extend(res)
-            report("hf_same", c, res)
+            record("hf_same", c, rows("hf_same", c, reqs, measured), meter.stop())
     if "hf_distinct" in keys:
         # Every request is its own batch whatever the concurrency, so the execution is the
         # same at every level: run it once over the longest level's requests and derive each
@@ -71,11 +70,8 @@ def run_hf(bench: Bench, keys: list[str]) -> None:
         bar.close()
         other = meter.stop()
         for c in bench.levels:
-            bench.other_cpu[("hf_distinct", c, -1)] = other
             k = bench.per_level[c]
-            res = rows("hf_distinct", c, reqs[:k], measured[:k])
-            bench.results.extend(res)
-            report("hf_distinct", c, res)
+            record("hf_distinct", c, rows("hf_distinct", c, reqs[:k], measured[:k]), other)
         bench.notes.append(
             f"6b runs one request per batch at every concurrency, so it was executed once ({n} requests "
             "back to back) and each level's latencies follow from that level's closed loop of clients "

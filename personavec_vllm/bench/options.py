@@ -4,6 +4,7 @@ options only, so that `personavec --help` stays light. The run is in `bench.run`
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -33,6 +34,15 @@ def _length(text: str):
         return LengthRange.parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _env_assignment(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    if name == "VLLM_PLUGINS":
+        raise argparse.ArgumentTypeError("VLLM_PLUGINS is what tells the two servers apart; the benchmark sets it")
+    return name, value
 
 
 def _scenario_list(text: str) -> list[str]:
@@ -80,7 +90,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=_scenario_list,
         default=None,
         help="comma-separated subset, by number or key (default: all): "
-        "1,2,3,4,5a,5b,5c,5d,6a,6b; scenario 1 is always run as the baseline",
+        "1,1b,2,3,4,5a,5b,5c,5d,6a,6b; scenario 1 is always run as the baseline; 1b is a second "
+        "plain vLLM server (how far two identical servers differ)",
     )
     p.add_argument(
         "--passes",
@@ -88,6 +99,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=3,
         help="passes over all scenarios and levels, both servers up side by side, the order rotated "
         "each time (default 3): ratios are medians over passes, with the lowest and highest reported",
+    )
+    p.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        help="start the servers afresh this many times, each for --passes passes (default 1): a "
+        "server keeps what its start gave it for all its passes, so only fresh starts average "
+        "that out; scenario 1b measures how much it is",
     )
     p.add_argument(
         "--profile",
@@ -139,6 +158,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--vllm-args",
         default="",
         help="extra options for both vLLM servers, one quoted string (e.g. '--max-num-batched-tokens 4096')",
+    )
+    p.add_argument(
+        "--server-env",
+        type=_env_assignment,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for both servers (repeatable), so that they differ only in the "
+        "plugin, e.g. LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 (vLLM's advice "
+        "for CPU serving) or GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432",
     )
     p.add_argument(
         "--startup-timeout",

@@ -43,30 +43,47 @@ def server_roles(pids: Sequence[int], leader: int) -> dict[str, int]:
     return roles
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds; NaN once it is gone."""
+@dataclass(frozen=True)
+class ProcStat:
+    """What /proc/<pid>/stat says of a process (all its threads)."""
+
+    cpu_s: float  # utime + stime
+    minor_faults: int  # page faults served without I/O: first touches of memory the kernel hands out
+
+
+def proc_stat(pid: int) -> ProcStat | None:
+    """The process's CPU seconds and minor page faults so far; None once it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return None
+    return ProcStat((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[7]))
 
 
 @dataclass
-class ProcessCpu:
-    """CPU seconds each role used over one measurement."""
+class ProcessUsage:
+    """CPU seconds and minor page faults of each role over one measurement (NaN for a role
+    whose process is gone). Faults say whether a process keeps getting fresh pages from the
+    kernel for buffers it frees and allocates again every step (glibc returning them)."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    minor_faults: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     @contextlib.contextmanager
-    def measure(cls, roles: dict[str, int]) -> Iterator[ProcessCpu]:
+    def measure(cls, roles: dict[str, int]) -> Iterator[ProcessUsage]:
         out = cls()
-        before = {role: cpu_seconds(pid) for role, pid in roles.items()}
+        before = {role: proc_stat(pid) for role, pid in roles.items()}
         try:
             yield out
         finally:
-            out.seconds = {role: cpu_seconds(pid) - before[role] for role, pid in roles.items()}
+            for role, pid in roles.items():
+                start, end = before[role], proc_stat(pid)
+                if start is None or end is None:
+                    out.seconds[role] = out.minor_faults[role] = float("nan")
+                else:
+                    out.seconds[role] = end.cpu_s - start.cpu_s
+                    out.minor_faults[role] = end.minor_faults - start.minor_faults
 
 
 # vLLM's counters ------------------------------------------------------------------------------

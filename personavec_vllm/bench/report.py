@@ -62,6 +62,8 @@ class LevelStats:
     # unlike wall time, not stretched by waiting for a core (other tenants, steal)
     server_cpu_s: float = math.nan
     worker_cpu_s: float = math.nan
+    instance: int = 0  # which start of the servers measured it (--instances)
+    worker_minor_faults: float = math.nan  # pages the worker got fresh from the kernel over the level
     # vLLM's counters over the level: prompt tokens computed (prefix-cache hits excluded), preemptions
     prompt_tokens_computed: float = math.nan
     preemptions: float = math.nan
@@ -317,25 +319,45 @@ def ratio_table(stats: Sequence[LevelStats], metric: str = "tok_per_s") -> str:
     return "\n".join(lines)
 
 
+def instance_table(stats: Sequence[LevelStats], metric: str = "tok_per_s") -> str:
+    """Markdown: the median same-pass ratio of each scenario per server instance (--instances),
+    scenarios x (concurrency, instance): a server start's own bias shows as a row whose
+    instances disagree beyond their passes' spread."""
+    instances = sorted({s.instance for s in stats if s.pass_index >= 0})
+    levels = _levels(stats)
+    per = {
+        i: ratio_spread([s for s in stats if s.instance == i and s.pass_index >= 0], metric=metric) for i in instances
+    }
+    head = [f"c={c}, start {i + 1}" for c in levels for i in instances]
+    lines = ["| scenario | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
+    for key in _scenarios(stats):
+        cells = [_ratio_cell(per[i].get((key, c))) for c in levels for i in instances]
+        if any(cell != "n/a" for cell in cells):
+            lines.append(f"| {label(key)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def full_table(stats: Sequence[LevelStats]) -> str:
     """Every measurement (one row per scenario, concurrency and pass); the ratio is to the
     baseline of the same pass."""
     base = _rates(stats, BASELINE)
     lines = [
-        "| scenario | conc. | pass | requests | output tok/s | ratio to baseline | latency p50 (s) | latency p99 (s) "
+        "| scenario | conc. | start | pass | requests | output tok/s | ratio to baseline | latency p50 (s) | latency p99 (s) "
         "| TTFT p50 (s) | TTFT p99 (s) | errors | other CPU (cores) | worker CPU ms / output token "
-        "| prompt tokens computed | preemptions | engine steps |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| worker minor page faults | prompt tokens computed | preemptions | engine steps |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in stats:
         by_pass = base.get(s.concurrency, {})
         den = by_pass.get(s.pass_index) or (median(list(by_pass.values())) if by_pass else math.nan)
         ratio = s.tok_per_s / den if den and not math.isnan(den) else math.nan
         lines.append(
-            f"| {label(s.scenario)} | {s.concurrency} | {s.pass_index if s.pass_index >= 0 else 'once'} | "
+            f"| {label(s.scenario)} | {s.concurrency} | {s.instance + 1 if s.pass_index >= 0 else ''} | "
+            f"{s.pass_index if s.pass_index >= 0 else 'once'} | "
             f"{s.requests} | {_fmt(s.tok_per_s)} | {_fmt(ratio, 3)} | {_fmt(s.latency_p50, 2)} | "
             f"{_fmt(s.latency_p99, 2)} | {_fmt(s.ttft_p50, 2)} | {_fmt(s.ttft_p99, 2)} | {s.errors} | "
-            f"{_fmt(s.other_cpu, 2)} | {_fmt(1000 * s.worker_cpu_s / s.output_tokens if s.output_tokens else math.nan, 2)} | {_fmt(s.prompt_tokens_computed, 0)} | "
+            f"{_fmt(s.other_cpu, 2)} | {_fmt(1000 * s.worker_cpu_s / s.output_tokens if s.output_tokens else math.nan, 2)} | "
+            f"{_fmt(s.worker_minor_faults, 0)} | {_fmt(s.prompt_tokens_computed, 0)} | "
             f"{_fmt(s.preemptions, 0)} | {_fmt(s.engine_steps, 0)} |"
         )
     return "\n".join(lines)
@@ -389,10 +411,27 @@ def markdown(report: Report, plot_files: Sequence[str] = ()) -> str:
         f"Both servers ran side by side; each of the {passes} pass(es) measured every scenario once per "
         "concurrency, in a rotated order. A cell is the median over passes of the scenario's tok/s over "
         "plain vLLM's in the same pass, with the lowest and highest pass in brackets. Row 1 is plain "
-        "vLLM's own pass-to-pass spread around its median: the noise floor the other rows must beat.",
+        "vLLM's own pass-to-pass spread around its median: the noise floor of a pass. Row 1b, where "
+        "run, is a second plain vLLM server over the first in the same pass: the noise floor of a "
+        "ratio between two servers, which the other rows must beat.",
         "",
     ]
     parts += [ratio_table(report.stats), ""]
+    if len({s.instance for s in report.stats}) > 1:
+        parts += ["### Per server start (--instances)", ""]
+        parts += [
+            "The same ratios, one column per start of the servers. Passes of one start share what "
+            "the start gave each server; fresh starts do not.",
+            "",
+            "Output tok/s:",
+            "",
+            instance_table(report.stats),
+            "",
+            "Worker output tokens per CPU second:",
+            "",
+            instance_table(report.stats, "tok_per_worker_cpu_s"),
+            "",
+        ]
     if any(not math.isnan(s.tok_per_worker_cpu_s) for s in report.stats):
         parts += ["## Output tokens per CPU second relative to plain vLLM", ""]
         parts += [

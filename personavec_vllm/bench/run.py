@@ -133,6 +133,7 @@ class Bench:
 
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        env.update(self.args.server_env)  # the same for both servers
         if plugin:
             env["VLLM_PLUGINS"] = default_vllm_plugins()
             env["PERSONAVEC_ADMIN_KEY"] = BENCH_ADMIN_KEY  # scenario 5d changes the policy
@@ -143,13 +144,13 @@ class Bench:
         return env
 
     @contextlib.contextmanager
-    def server(self, plugin: bool):
-        """One server (plain vLLM or personavec), checked and warmed up; yields its base URL."""
+    def server(self, plugin: bool, twin: bool = False):
+        """One server (plain vLLM, a second plain vLLM or personavec), checked; yields its base URL."""
         from personavec_vllm.bench.profile import server_roles
         from personavec_vllm.testing import free_port, server_process
 
         env = self.server_env(plugin)
-        which = "plugin" if plugin else "plain"
+        which = "plugin" if plugin else "plain_twin" if twin else "plain"
         log_dir = self.out if self.args.keep_logs else Path(self.tmp)
         log_path = log_dir / f"{self.args.prefix}_server_{which}.log"
         log(
@@ -180,30 +181,43 @@ class Bench:
             raise
 
     def run_server_scenarios(self, keys: list[str]) -> None:
-        """Both servers run side by side, only one of them loaded at a time. Each pass measures
-        every scenario once per level, in an order rotated by pass and level, so that slow drift of
-        the machine and order effects spread over all scenarios instead of biasing one server."""
-        plugin_keys = [k for k in keys if k != "plain"]
-        with contextlib.ExitStack() as stack:
-            bases = {"plain": stack.enter_context(self.server(False))}
-            if plugin_keys:
-                plugin_base = stack.enter_context(self.server(True))
-                bases |= dict.fromkeys(plugin_keys, plugin_base)
-            self.warm_up(bases["plain"], ["plain"], False)
-            if plugin_keys:
-                self.warm_up(plugin_base, plugin_keys, True)
-            order = ["plain", *plugin_keys]
-            for p in range(self.args.passes):
-                log(f"pass {p + 1} of {self.args.passes}")
-                for li, c in enumerate(self.levels):
-                    shift = (p + li) % len(order)
-                    for key in order[shift:] + order[:shift]:
-                        self.measure_level(bases[key], key, c, p)
-            if self.args.profile:
-                log("profiled pass (py-spy on every server process; not in the ratios)")
-                for c in self.levels:
-                    for key in order:
-                        self.measure_level(bases[key], key, c, self.args.passes, profile=True)
+        """Both servers (and scenario 1b's second plain server) run side by side, only one of
+        them loaded at a time. Each pass measures every scenario once per level, in an order
+        rotated by pass and level, so that slow drift of the machine and order effects spread over
+        all scenarios instead of biasing one server. With --instances N the servers are started
+        afresh N times (pass indices run on), because a server keeps what its start gave it (where
+        its memory lies, how its allocator settled) for all its passes."""
+        from personavec_vllm.bench.scenarios import TWIN
+
+        plugin_keys = [k for k in keys if k not in ("plain", TWIN)]
+        order = [k for k in keys if k in ("plain", TWIN)] + plugin_keys
+        for instance in range(self.args.instances):
+            if self.args.instances > 1:
+                log(f"server instance {instance + 1} of {self.args.instances}: starting fresh servers")
+            with contextlib.ExitStack() as stack:
+                bases = {"plain": stack.enter_context(self.server(False))}
+                if TWIN in keys:
+                    bases[TWIN] = stack.enter_context(self.server(False, twin=True))
+                if plugin_keys:
+                    plugin_base = stack.enter_context(self.server(True))
+                    bases |= dict.fromkeys(plugin_keys, plugin_base)
+                for key in ("plain", TWIN):
+                    if key in bases:
+                        self.warm_up(bases[key], [key], False)
+                if plugin_keys:
+                    self.warm_up(plugin_base, plugin_keys, True)
+                for p in range(instance * self.args.passes, (instance + 1) * self.args.passes):
+                    log(f"pass {p + 1} of {self.args.passes * self.args.instances}")
+                    for li, c in enumerate(self.levels):
+                        shift = (p + li) % len(order)
+                        for key in order[shift:] + order[:shift]:
+                            self.measure_level(bases[key], key, c, p, instance=instance)
+                if self.args.profile and instance == self.args.instances - 1:
+                    log("profiled pass (py-spy on every server process; not in the ratios)")
+                    after = self.args.passes * self.args.instances
+                    for c in self.levels:
+                        for key in order:
+                            self.measure_level(bases[key], key, c, after, profile=True, instance=instance)
 
     def record_threads(self, log_path: Path, which: str) -> None:
         """Note the KV cache's size and the cores vLLM bound its CPU worker's threads to."""
@@ -313,22 +327,24 @@ class Bench:
         seed = self.args.seed * 1_000_003 + 1000 * (pass_index + 2) + scenario_index + 1
         return with_fresh_words(self.workload, self.vocab, seed, lambda ids: str(self.tokenizer.decode(ids)))
 
-    def measure_level(self, base: str, key: str, c: int, pass_index: int, profile: bool = False) -> None:
+    def measure_level(
+        self, base: str, key: str, c: int, pass_index: int, profile: bool = False, instance: int = 0
+    ) -> None:
         from personavec_vllm.bench.scenarios import policy_document
         from personavec_vllm.bench.setup import put_policy
 
         if key != "policy_monitor3":
-            self._measure_level(base, key, c, pass_index, profile)
+            self._measure_level(base, key, c, pass_index, profile, instance)
             return
         put_policy(base, policy_document(self.vectors), BENCH_ADMIN_KEY)
         try:
-            self._measure_level(base, key, c, pass_index, profile)
+            self._measure_level(base, key, c, pass_index, profile, instance)
         finally:
             put_policy(base, "", BENCH_ADMIN_KEY)
 
-    def _measure_level(self, base: str, key: str, c: int, pass_index: int, profile: bool) -> None:
+    def _measure_level(self, base: str, key: str, c: int, pass_index: int, profile: bool, instance: int) -> None:
         from personavec_vllm.bench.client import run_level
-        from personavec_vllm.bench.profile import EngineWork, ProcessCpu, ProfiledLevel, sampling, summarize_stacks
+        from personavec_vllm.bench.profile import EngineWork, ProcessUsage, ProfiledLevel, sampling, summarize_stacks
         from personavec_vllm.bench.report import summarize
         from personavec_vllm.bench.scenarios import SCENARIOS, label, persona_fields
 
@@ -341,7 +357,7 @@ class Bench:
         with contextlib.ExitStack() as stack:
             stack.callback(bar.close)
             files = stack.enter_context(sampling(roles, stacks_dir, f"{key}_c{c}")) if profile else {}
-            cpu = stack.enter_context(ProcessCpu.measure(roles))
+            usage = stack.enter_context(ProcessUsage.measure(roles))
             work = stack.enter_context(EngineWork.measure(base))
             t0 = time.perf_counter()
             res = run_level(
@@ -361,15 +377,22 @@ class Bench:
         s.other_cpu = meter.stop()
         if profile:
             stacks = {role: summarize_stacks(path) for role, path in files.items()}
-            self.profiled.append(ProfiledLevel(key, c, s.output_tokens, wall, cpu.seconds, stacks))
+            self.profiled.append(ProfiledLevel(key, c, s.output_tokens, wall, usage.seconds, stacks))
             log(
                 f"{label(key):<28} c={c:<3} profiled: "
                 + ", ".join(f"{role} {100 * st.ours_share:.2f} % ours of {st.samples}" for role, st in stacks.items())
             )
             return
-        self.other_cpu[(key, c, pass_index)] = s.other_cpu
-        self.server_cpu[(key, c, pass_index)] = (sum(cpu.seconds.values()), cpu.seconds.get("worker", math.nan))
-        self.engine_work[(key, c, pass_index)] = work
+        s.instance = instance
+        s.server_cpu_s = sum(usage.seconds.values())
+        s.worker_cpu_s = usage.seconds.get("worker", math.nan)
+        s.worker_minor_faults = usage.minor_faults.get("worker", math.nan)
+        s.prompt_tokens_computed, s.preemptions, s.engine_steps = (
+            work.prompt_tokens_computed,
+            work.preemptions,
+            work.steps,
+        )
+        self.measured[(key, c, pass_index)] = s
         self.results.extend(res)
         errs = f", {s.errors} ERRORS (first: {next(r.error for r in res if r.error)})" if s.errors else ""
         log(
@@ -392,7 +415,7 @@ class Bench:
 
         from personavec_vllm.bench.profile import profile_table
         from personavec_vllm.bench.report import Report, summarize_all, write_report
-        from personavec_vllm.bench.scenarios import HF_SCENARIOS, PLUGIN_SCENARIOS
+        from personavec_vllm.bench.scenarios import HF_SCENARIOS
         from personavec_vllm.bench.workload import WorkloadConfig, make_workload, word_vocab
         from personavec_vllm.models import resolve_model
 
@@ -407,10 +430,8 @@ class Bench:
         self.workload = make_workload(cfg, max(self.per_level.values()), self.vocab)
         self.check_texts: dict[str, str] = {}
         self.worker_threads = None
-        self.other_cpu: dict[tuple[str, int, int], float] = {}
-        self.server_cpu: dict[tuple[str, int, int], tuple[float, float]] = {}  # (all processes, worker)
+        self.measured: dict = {}  # (scenario, c, pass) -> its LevelStats with CPU use and vLLM's counters
         self.roles: dict[str, dict[str, int]] = {}  # base URL -> {role: pid}
-        self.engine_work: dict = {}  # (scenario, c, pass) -> bench.profile.EngineWork
         self.profiled: list = []  # bench.profile.ProfiledLevel of the --profile pass
         with tempfile.TemporaryDirectory(prefix="personavec-bench-") as tmp:
             self.tmp = tmp
@@ -423,29 +444,19 @@ class Bench:
                 f"levels {self.levels}, requests {[self.per_level[c] for c in self.levels]} "
                 f"({total} per scenario), scenarios {', '.join(self.scenarios)}"
             )
-            self.run_server_scenarios(["plain", *(k for k in self.scenarios if k in PLUGIN_SCENARIOS)])
+            self.run_server_scenarios([k for k in self.scenarios if k not in HF_SCENARIOS])
             hf_keys = [k for k in self.scenarios if k in HF_SCENARIOS]
             if hf_keys:
                 self.run_hf(hf_keys)
 
-        stats = summarize_all(self.results)
-        for s in stats:
-            s.other_cpu = self.other_cpu.get((s.scenario, s.concurrency, s.pass_index), math.nan)
-            s.server_cpu_s, s.worker_cpu_s = self.server_cpu.get(
-                (s.scenario, s.concurrency, s.pass_index), (math.nan, math.nan)
-            )
-            if work := self.engine_work.get((s.scenario, s.concurrency, s.pass_index)):
-                s.prompt_tokens_computed, s.preemptions, s.engine_steps = (
-                    work.prompt_tokens_computed,
-                    work.preemptions,
-                    work.steps,
-                )
+        stats = [self.measured[(s.scenario, s.concurrency, s.pass_index)] for s in summarize_all(self.results)]
         machine["load average at end (1/5/15 min)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
         v = self.vectors
         config = {
             "model": f"{self.model} ({v.num_layers} layers), dtype float32",
             "vLLM mode": "eager (--enforce-eager)" if a.enforce_eager else "compiled (vLLM default, Inductor)",
             "server options": " ".join(self.server_args("<vectors>")[2:]),
+            "server environment (both)": " ".join(f"{k}={v}" for k, v in a.server_env) or "inherited, nothing added",
             "workload": cfg.describe(),
             "requests per level": ", ".join(f"c={c}: {self.per_level[c]}" for c in self.levels),
             "client": f"aiohttp, closed loop of `concurrency` clients, {'' if a.stream else 'non-'}streaming "

@@ -28,6 +28,14 @@ SCENARIOS: tuple[Scenario, ...] = (
         "plain",
     ),
     Scenario(
+        "plain_twin",
+        "1b",
+        "vLLM, no plugin, second server",
+        "a second stock vLLM server started like the first: how far two identical servers differ, "
+        "the noise floor for any ratio between two servers",
+        "plain",
+    ),
+    Scenario(
         "unsteered",
         "2",
         "plugin, unsteered",
@@ -94,6 +102,7 @@ SCENARIOS: tuple[Scenario, ...] = (
 )
 BY_KEY = {s.key: s for s in SCENARIOS}
 BASELINE = "plain"
+TWIN = "plain_twin"  # scenario 1 on a server of its own
 PLUGIN_SCENARIOS = tuple(s.key for s in SCENARIOS if s.group == "plugin")
 HF_SCENARIOS = tuple(s.key for s in SCENARIOS if s.group == "hf")
 

@@ -144,7 +144,7 @@ class Bench:
         return env
 
     @contextlib.contextmanager
-    def server(self, plugin: bool, twin: bool = False):
+    def server(self, plugin: bool, twin: bool = False, instance: int = 0):
         """One server (plain vLLM, a second plain vLLM or personavec), checked; yields its base URL."""
         from personavec_vllm.bench.profile import server_roles
         from personavec_vllm.testing import free_port, server_process
@@ -152,7 +152,8 @@ class Bench:
         env = self.server_env(plugin)
         which = "plugin" if plugin else "plain_twin" if twin else "plain"
         log_dir = self.out if self.args.keep_logs else Path(self.tmp)
-        log_path = log_dir / f"{self.args.prefix}_server_{which}.log"
+        start = f"_start{instance + 1}" if self.args.instances > 1 else ""
+        log_path = log_dir / f"{self.args.prefix}_server_{which}{start}.log"
         log(
             f"starting the {'personavec' if plugin else 'plain vLLM'} server (VLLM_PLUGINS={env['VLLM_PLUGINS']}; "
             f"{'eager' if self.args.enforce_eager else 'compiled'} mode, log {log_path}) ..."
@@ -195,11 +196,11 @@ class Bench:
             if self.args.instances > 1:
                 log(f"server instance {instance + 1} of {self.args.instances}: starting fresh servers")
             with contextlib.ExitStack() as stack:
-                bases = {"plain": stack.enter_context(self.server(False))}
+                bases = {"plain": stack.enter_context(self.server(False, instance=instance))}
                 if TWIN in keys:
-                    bases[TWIN] = stack.enter_context(self.server(False, twin=True))
+                    bases[TWIN] = stack.enter_context(self.server(False, twin=True, instance=instance))
                 if plugin_keys:
-                    plugin_base = stack.enter_context(self.server(True))
+                    plugin_base = stack.enter_context(self.server(True, instance=instance))
                     bases |= dict.fromkeys(plugin_keys, plugin_base)
                 for key in ("plain", TWIN):
                     if key in bases:

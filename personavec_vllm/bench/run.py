@@ -7,6 +7,7 @@ alternative (HF transformers + a forward hook) costs, measured in one run.
 Scenarios (all on the same seeded workload; ratios divide by scenario 1 at the same concurrency):
 
   1  vLLM without the plugin (VLLM_PLUGINS excluding personavec)       - the baseline
+  1b a second such server: how far two identical servers differ
   2  personavec loaded, requests unsteered                            \\
   3  every request steered with the same spec                          | one server start
   4  every request steered with a different spec                       |

@@ -45,6 +45,29 @@ def test_workload_is_seeded_and_reproducible():
     assert [r.index for r in a] == list(range(50))
 
 
+def test_every_measurement_has_words_of_its_own():
+    """Each level of a pass sends other prompts than the level before it on the same server: the
+    c=64 measurement used to resend c=32's prompts and, with prefix caching on, a server whose
+    cache still held them ran 1.6x faster than the others for less work."""
+    from types import SimpleNamespace
+
+    from personavec_vllm import cli
+    from personavec_vllm.bench.run import Bench
+
+    bench = Bench(cli.build_parser().parse_args(["bench", "--concurrency", "32,64"]), "test")
+    bench.workload = make_workload(WorkloadConfig(seed=0), 8, VOCAB)
+    bench.vocab = VOCAB
+    bench.tokenizer = SimpleNamespace(decode=lambda ids: " ".join(map(str, ids)))
+    prompts = {
+        (p, s, c): [r.text for r in bench.words_for(p, s, c)] for p in (-1, 0, 1) for s in (-1, 0, 2) for c in (32, 64)
+    }
+    firsts = [texts[0] for texts in prompts.values()]
+    assert len(set(firsts)) == len(firsts)  # no two measurements share a prompt
+    assert prompts[(0, 2, 64)] == [r.text for r in bench.words_for(0, 2, 64)]  # seeded
+    shapes = [len(r.prompt_token_ids) for r in bench.words_for(1, 0, 64)]
+    assert shapes == [r.prompt_len for r in bench.workload]  # the same lengths everywhere
+
+
 def test_workload_distributions_within_bounds():
     cfg = WorkloadConfig(seed=0, prompt_len=LengthRange(32, 512), prompt_sigma=0.6, output_len=LengthRange(32, 96))
     reqs = make_workload(cfg, 2000, VOCAB)

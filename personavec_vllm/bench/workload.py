@@ -102,7 +102,10 @@ def make_workload(cfg: WorkloadConfig, count: int, vocab: Sequence[int]) -> list
 
 
 def with_fresh_words(
-    requests: Sequence[BenchRequest], vocab: Sequence[int], seed: int, decode: Callable[[list[int]], str] | None = None
+    requests: Sequence[BenchRequest],
+    vocab: Sequence[int],
+    seed: int | str,
+    decode: Callable[[list[int]], str] | None = None,
 ) -> list[BenchRequest]:
     """The same prompt and output lengths with other words (seeded): what one measurement sends.
     `decode` (token ids -> text) fills `text` for the chat API."""

@@ -18,6 +18,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from personavec_vllm.bench import report as rep
+from personavec_vllm.bench import stats as st
 from personavec_vllm.bench.scenarios import SCENARIOS, BenchVectors, label, persona_fields, steer_distinct
 from personavec_vllm.bench.workload import LengthRange, WorkloadConfig, make_workload, word_vocab
 
@@ -137,16 +138,16 @@ def test_percentile_matches_numpy_linear():
     for n in (1, 2, 3, 10, 101):
         data = [rng.uniform(0, 10) for _ in range(n)]
         for q in (0, 1, 25, 50, 90, 99, 100):
-            assert rep.percentile(data, q) == pytest.approx(float(np.percentile(data, q)))
-    assert rep.percentile([4, 1, 3, 2], 50) == 2.5
-    assert rep.percentile([1, 2, 3, 4, 5], 99) == pytest.approx(4.96)
-    assert math.isnan(rep.percentile([], 50))
+            assert st.percentile(data, q) == pytest.approx(float(np.percentile(data, q)))
+    assert st.percentile([4, 1, 3, 2], 50) == 2.5
+    assert st.percentile([1, 2, 3, 4, 5], 99) == pytest.approx(4.96)
+    assert math.isnan(st.percentile([], 50))
     with pytest.raises(ValueError):
-        rep.percentile([1.0], 101)
+        st.percentile([1.0], 101)
 
 
 def _result(key, c, i, submit, first, end, tokens=10, error=""):
-    return rep.RequestResult(key, c, i, 20, 10, tokens, submit, first, end, error)
+    return st.RequestResult(key, c, i, 20, 10, tokens, submit, first, end, error)
 
 
 def test_summarize_level():
@@ -156,31 +157,31 @@ def test_summarize_level():
         _result("plain", 2, 2, 2.0, 2.5, 4.0),
         _result("plain", 2, 3, 3.0, 3.0, 3.5, tokens=0, error="x"),
     ]
-    s = rep.summarize(res)
+    s = st.summarize(res)
     assert (s.scenario, s.concurrency, s.requests, s.errors) == ("plain", 2, 4, 1)
     assert s.output_tokens == 30 and s.wall_s == 4.0 and s.tok_per_s == 7.5
     assert s.latency_p50 == 2.0  # latencies 2, 3, 2 (the failed request is left out)
     assert s.ttft_p50 == 0.5  # TTFTs 0.5, 1.0, 0.5
-    assert s.latency_p99 == pytest.approx(rep.percentile([2, 3, 2], 99))
+    assert s.latency_p99 == pytest.approx(st.percentile([2, 3, 2], 99))
     with pytest.raises(ValueError):
-        rep.summarize([_result("plain", 1, 0, 0, 1, 2), _result("plain", 2, 0, 0, 1, 2)])
+        st.summarize([_result("plain", 1, 0, 0, 1, 2), _result("plain", 2, 0, 0, 1, 2)])
 
 
 def test_closed_loop_times():
     # one request at a time, each 1 s, first token after 0.25 s; two clients
     measured = [(j + 0.25, j + 1.0) for j in range(4)]
-    times = rep.closed_loop_times(measured, 2)
+    times = st.closed_loop_times(measured, 2)
     assert [t[0] for t in times] == [0.0, 0.0, 1.0, 2.0]
     latencies = [end - submit for submit, _, end in times]
     assert latencies == [1.0, 2.0, 2.0, 2.0]  # steady state: concurrency x service time
-    assert rep.closed_loop_times(measured, 1)[2][0] == 2.0
+    assert st.closed_loop_times(measured, 1)[2][0] == 2.0
     # static batches of two: the next batch's requests are sent when the rows they replace end
     batches = [(0.5, 1.0), (0.5, 2.0), (2.5, 3.0), (2.5, 4.0)]
-    assert [t[0] for t in rep.closed_loop_times(batches, 2)] == [0.0, 0.0, 1.0, 2.0]
+    assert [t[0] for t in st.closed_loop_times(batches, 2)] == [0.0, 0.0, 1.0, 2.0]
 
 
 def _stats(key, c, tok_s, pass_index=0):
-    return rep.LevelStats(key, c, 8, int(tok_s * 10), 10.0, tok_s, 1.0, 2.0, 0.1, 0.2, 0, pass_index=pass_index)
+    return st.LevelStats(key, c, 8, int(tok_s * 10), 10.0, tok_s, 1.0, 2.0, 0.1, 0.2, 0, pass_index=pass_index)
 
 
 FACTOR = {
@@ -204,12 +205,12 @@ def _all_stats(levels=(1, 8, 32)):
 
 def test_ratios_speedup_and_targets():
     stats = _all_stats()
-    r = rep.ratios(stats)
+    r = st.ratios(stats)
     assert r[("plain", 8)] == 1.0
-    assert rep.baseline_rates(stats)[8] == pytest.approx(800.0)
+    assert st.baseline_rates(stats)[8] == pytest.approx(800.0)
     assert r[("steer_distinct", 32)] == pytest.approx(0.96)
-    assert rep.speedup(stats, "steer_distinct", "hf_distinct")[32] == pytest.approx(9.6)
-    rows = {(row["target"], row["scenario"]): row for row in rep.evaluate_targets(stats)}
+    assert st.speedup(stats, "steer_distinct", "hf_distinct")[32] == pytest.approx(9.6)
+    rows = {(row["target"], row["scenario"]): row for row in st.evaluate_targets(stats)}
     assert rows[("2 >= 0.99 x plain vLLM", "unsteered")]["met"]
     assert rows[("3, 4 >= 0.98 x plain vLLM", "steer_same")]["met"]
     assert not rows[("3, 4 >= 0.98 x plain vLLM", "steer_distinct")]["met"]
@@ -220,7 +221,7 @@ def test_ratios_speedup_and_targets():
     assert rows[(ops, "ops")]["measured"][32] == pytest.approx(0.985 / 0.995)
     hf = rows[("4 >= 8 x 6b (HF, distinct specs) at concurrency 32", "steer_distinct")]
     assert hf["met"] and set(hf["measured"]) == {32}
-    no32 = rep.evaluate_targets(_all_stats(levels=(1, 2)))
+    no32 = st.evaluate_targets(_all_stats(levels=(1, 2)))
     assert not no32[-1]["evaluated"] and not no32[-1]["met"]
 
 
@@ -230,13 +231,13 @@ def test_ratios_are_per_pass_medians_with_spread():
     stats = [_stats("plain", 8, 100 * f, p) for p, f in speed.items()]
     stats += [_stats("unsteered", 8, 98 * f, p) for p, f in speed.items()]
     stats += [_stats("hf_distinct", 8, 9.0, -1)]  # measured once: divided by plain's median
-    spread = rep.ratio_spread(stats)
+    spread = st.ratio_spread(stats)
     # side by side in each pass, the drift cancels: every pass says 0.98
-    assert spread[("unsteered", 8)] == rep.Ratio(pytest.approx(0.98), pytest.approx(0.98), pytest.approx(0.98), 3)
+    assert spread[("unsteered", 8)] == st.Ratio(pytest.approx(0.98), pytest.approx(0.98), pytest.approx(0.98), 3)
     # plain's own spread around its median is the noise floor
     assert (spread[("plain", 8)].low, spread[("plain", 8)].high) == (pytest.approx(0.8 / 0.9), pytest.approx(1 / 0.9))
     assert spread[("hf_distinct", 8)].median == pytest.approx(0.1)
-    assert rep.speedup(stats, "unsteered", "hf_distinct")[8] == pytest.approx(88.2 / 9.0)
+    assert st.speedup(stats, "unsteered", "hf_distinct")[8] == pytest.approx(88.2 / 9.0)
     table = rep.ratio_table(stats)
     assert "| 2 plugin, unsteered | 0.980 (0.980-0.980) |" in table
     assert "| 1 vLLM, no plugin | 1.000 (0.889-1.111) |" in table
@@ -251,7 +252,7 @@ def test_per_instance_ratios_show_a_server_starts_own_bias():
             s = _stats(key, 8, 100 * factor * (1 + p / 10), p)
             s.instance = instance
             stats.append(s)
-    assert rep.ratio_spread(stats)[("plain_twin", 8)] == rep.Ratio(
+    assert st.ratio_spread(stats)[("plain_twin", 8)] == st.Ratio(
         pytest.approx(1.03), pytest.approx(1.0), pytest.approx(1.06), 4
     )
     table = rep.instance_table(stats)
@@ -262,11 +263,11 @@ def test_per_instance_ratios_show_a_server_starts_own_bias():
 
 def test_summaries_are_per_pass_and_skip_missing_ttft():
     results = [
-        rep.RequestResult("plain", 2, 0, 10, 4, 4, 0.0, math.nan, 1.0, "", 0),
-        rep.RequestResult("plain", 2, 1, 10, 4, 4, 0.0, math.nan, 2.0, "", 0),
-        rep.RequestResult("plain", 2, 0, 10, 4, 4, 0.0, math.nan, 4.0, "", 1),
+        st.RequestResult("plain", 2, 0, 10, 4, 4, 0.0, math.nan, 1.0, "", 0),
+        st.RequestResult("plain", 2, 1, 10, 4, 4, 0.0, math.nan, 2.0, "", 0),
+        st.RequestResult("plain", 2, 0, 10, 4, 4, 0.0, math.nan, 4.0, "", 1),
     ]
-    stats = rep.summarize_all(results)
+    stats = st.summarize_all(results)
     assert [(s.pass_index, s.tok_per_s) for s in stats] == [(0, 4.0), (1, 1.0)]
     assert math.isnan(stats[0].ttft_p50) and stats[0].latency_p50 == 1.5
 
@@ -346,9 +347,9 @@ def test_proc_stat_reads_cpu_and_page_faults():
     assert proc_stat(2**22 + 1) is None
 
 
-def _cpu_stats(key: str, p: int, tok_per_s: float, worker_cpu_s: float) -> rep.LevelStats:
+def _cpu_stats(key: str, p: int, tok_per_s: float, worker_cpu_s: float) -> st.LevelStats:
     nan = math.nan
-    return rep.LevelStats(
+    return st.LevelStats(
         key, 32, 32, 1000, 1000 / tok_per_s, tok_per_s, nan, nan, nan, nan, 0, nan, p, worker_cpu_s * 1.5, worker_cpu_s
     )
 
@@ -359,9 +360,9 @@ def test_cpu_ratios_divide_tokens_per_cpu_second():
     for p, (plain_rate, plugin_rate) in enumerate([(160, 130), (120, 150), (140, 140)]):
         stats.append(_cpu_stats("plain", p, plain_rate, 10.0 + p))
         stats.append(_cpu_stats("unsteered", p, plugin_rate, (10.0 + p) * 1.02))
-    cpu = rep.ratio_spread(stats, metric="tok_per_worker_cpu_s")[("unsteered", 32)]
+    cpu = st.ratio_spread(stats, metric="tok_per_worker_cpu_s")[("unsteered", 32)]
     assert cpu.median == pytest.approx(1 / 1.02) and cpu.high - cpu.low == pytest.approx(0, abs=1e-12)
-    assert rep.ratio_spread(stats)[("unsteered", 32)].high > 1.2  # the wall-clock ratio is not
+    assert st.ratio_spread(stats)[("unsteered", 32)].high > 1.2  # the wall-clock ratio is not
     md = rep.ratio_table(stats, "tok_per_server_cpu_s")
     assert "0.980" in md and "plugin, unsteered" in md
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from personavec_vllm.bench.report import RequestResult
+from personavec_vllm.bench.stats import RequestResult
 from personavec_vllm.bench.workload import BenchRequest
 
 # checks a request's `persona` object (None if absent); returns a problem or None

@@ -14,8 +14,8 @@ if TYPE_CHECKING:
 
 def run_hf(bench: Bench, keys: list[str]) -> None:
     from personavec_vllm.bench.hf_reference import HFReference, one_per_batch, same_spec_batches
-    from personavec_vllm.bench.report import RequestResult, closed_loop_times, summarize
     from personavec_vllm.bench.scenarios import hf_terms, label
+    from personavec_vllm.bench.stats import RequestResult, closed_loop_times, summarize
 
     files: dict[str, str | Path] = {n: Path(bench.vectors.directory) / f"{n}.safetensors" for n in bench.vectors.names}
     log("HF reference: loading the model")

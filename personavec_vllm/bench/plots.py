@@ -6,15 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from personavec_vllm.bench.report import (
-    BY_KEY,
-    SCENARIOS,
-    LevelStats,
-    _levels,
-    _scenarios,
-    label,
-    ratio_spread,
-)
+from personavec_vllm.bench.report import levels_of, scenarios_of
+from personavec_vllm.bench.scenarios import BY_KEY, SCENARIOS, label
+from personavec_vllm.bench.stats import LevelStats, ratio_spread
 
 
 def _medians(stats: Sequence[LevelStats]) -> dict[tuple[str, int], LevelStats]:
@@ -34,7 +28,7 @@ def write_plots(stats: Sequence[LevelStats], out_dir: Path, prefix: str) -> list
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
-    levels, r, keys = _levels(stats), ratio_spread(stats), _scenarios(stats)
+    levels, r, keys = levels_of(stats), ratio_spread(stats), scenarios_of(stats)
     by = _medians(stats)
     style = {s.key: ("--" if s.group == "hf" else "-") for s in SCENARIOS}
     colors = {s.key: f"C{i}" for i, s in enumerate(SCENARIOS)}  # one color per scenario in every plot

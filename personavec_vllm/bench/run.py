@@ -35,12 +35,12 @@ from personavec_vllm.bench.options import SERVED_NAME
 from personavec_vllm.bench.setup import (
     CpuMeter,
     Progress,
-    _complete,
     load_vectors,
     log,
     machine_description,
     make_vectors,
     persona_check,
+    server_check,
 )
 
 BENCH_ADMIN_KEY = "personavec-bench-admin"  # scenario 5d changes the server policy
@@ -233,54 +233,9 @@ class Bench:
 
     def sanity_checks(self, base: str, plugin: bool) -> None:
         """Before timing: persona fields must be ignored by the plain server and applied by ours."""
-        from personavec_vllm.bench.client import completion_body
-        from personavec_vllm.bench.scenarios import CHECK_COEFF
-
-        req = self.workload[0]
-        plain_body = completion_body(SERVED_NAME, req, stream=False)
-        plain_body["max_tokens"] = 24
-        steer = {
-            "persona_steer": [
-                {
-                    "vector": self.vectors.names[0],
-                    "coeff": CHECK_COEFF,
-                    "layers": [self.vectors.layers[0]],
-                    "positions": "all",
-                }
-            ]
-        }
-        plain = _complete(base, plain_body)
-        text = plain["choices"][0]["text"]
-        self.check_texts.setdefault("unsteered", text)
-        try:
-            steered = _complete(base, {**plain_body, **steer})
-        except Exception as exc:
-            steered = {"error": str(exc)}
-        if not plugin:
-            if text != self.check_texts["unsteered"]:
-                raise RuntimeError("unsteered output differs between the two plain servers")
-            if "persona" in steered or (steered.get("choices") and steered["choices"][0]["text"] != text):
-                raise RuntimeError("the plain vLLM server applied persona_steer: the plugin is not excluded")
-            check = (
-                "scenario 1 server ignores persona fields: a request with persona_steer "
-                f"(coeff {CHECK_COEFF}) got no `persona` object and the unsteered text"
-            )
-            if check not in self.checks:
-                self.checks.append(check)
-            return
-        if text != self.check_texts["unsteered"]:
-            raise RuntimeError("unsteered output differs between the plain and the personavec server")
-        if "persona" not in steered or steered["choices"][0]["text"] == text:
-            raise RuntimeError(f"steering was not applied on the personavec server: {str(steered)[:500]}")
-        mon = _complete(base, {**plain_body, "persona_monitor": {"vectors": list(self.vectors.names[:3])}})
-        proj = (mon.get("persona") or {}).get("projections") or {}
-        if sorted(proj) != sorted(self.vectors.names[:3]):
-            raise RuntimeError(f"monitoring returned no projections: {str(mon)[:500]}")
-        self.checks.append(
-            "personavec server: unsteered output equals scenario 1's; a steered request "
-            f"(coeff {CHECK_COEFF}) changes the greedy output; monitoring returns projections "
-            "for every asked vector"
-        )
+        check = server_check(base, plugin, self.workload[0], self.vectors, self.check_texts)
+        if check not in self.checks:
+            self.checks.append(check)
 
     def warm_up(self, base: str, keys: list[str], plugin: bool) -> None:
         """Untimed, so that no measurement pays for a server's first times: (1) as many requests
@@ -350,8 +305,8 @@ class Bench:
     def _measure_level(self, base: str, key: str, c: int, pass_index: int, profile: bool, instance: int) -> None:
         from personavec_vllm.bench.client import run_level
         from personavec_vllm.bench.profile import EngineWork, ProcessUsage, ProfiledLevel, sampling, summarize_stacks
-        from personavec_vllm.bench.report import summarize
         from personavec_vllm.bench.scenarios import SCENARIOS, label, persona_fields
+        from personavec_vllm.bench.stats import summarize
 
         number = [s.key for s in SCENARIOS].index(key)
         reqs = self.words_for(pass_index, number, c)[: self.per_level[c]]
@@ -419,8 +374,9 @@ class Bench:
         from transformers import AutoTokenizer
 
         from personavec_vllm.bench.profile import profile_table
-        from personavec_vllm.bench.report import Report, summarize_all, write_report
+        from personavec_vllm.bench.report import Report, write_report
         from personavec_vllm.bench.scenarios import HF_SCENARIOS
+        from personavec_vllm.bench.stats import summarize_all
         from personavec_vllm.bench.workload import WorkloadConfig, make_workload, word_vocab
         from personavec_vllm.models import resolve_model
 

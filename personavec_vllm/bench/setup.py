@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from personavec_vllm.bench.options import NUM_VECTORS
+from personavec_vllm.bench.options import NUM_VECTORS, SERVED_NAME
 
 # ---- helpers ------------------------------------------------------------------------------
 
@@ -246,6 +246,50 @@ def persona_check(key: str, vectors):
         return None
 
     return check
+
+
+def server_check(base: str, plugin: bool, request, vectors, check_texts: dict[str, str]) -> str:
+    """Before timing: persona fields must be ignored by a plain server and applied by ours, and
+    unsteered output must be the same on every server (`check_texts` keeps the first server's).
+    Raises RuntimeError if not; returns the check's sentence for the report."""
+    from personavec_vllm.bench.client import completion_body
+    from personavec_vllm.bench.scenarios import CHECK_COEFF
+
+    plain_body = completion_body(SERVED_NAME, request, stream=False)
+    plain_body["max_tokens"] = 24
+    steer = {
+        "persona_steer": [
+            {"vector": vectors.names[0], "coeff": CHECK_COEFF, "layers": [vectors.layers[0]], "positions": "all"}
+        ]
+    }
+    text = _complete(base, plain_body)["choices"][0]["text"]
+    check_texts.setdefault("unsteered", text)
+    try:
+        steered = _complete(base, {**plain_body, **steer})
+    except Exception as exc:
+        steered = {"error": str(exc)}
+    if not plugin:
+        if text != check_texts["unsteered"]:
+            raise RuntimeError("unsteered output differs between the two plain servers")
+        if "persona" in steered or (steered.get("choices") and steered["choices"][0]["text"] != text):
+            raise RuntimeError("the plain vLLM server applied persona_steer: the plugin is not excluded")
+        return (
+            "scenario 1 server ignores persona fields: a request with persona_steer "
+            f"(coeff {CHECK_COEFF}) got no `persona` object and the unsteered text"
+        )
+    if text != check_texts["unsteered"]:
+        raise RuntimeError("unsteered output differs between the plain and the personavec server")
+    if "persona" not in steered or steered["choices"][0]["text"] == text:
+        raise RuntimeError(f"steering was not applied on the personavec server: {str(steered)[:500]}")
+    mon = _complete(base, {**plain_body, "persona_monitor": {"vectors": list(vectors.names[:3])}})
+    proj = (mon.get("persona") or {}).get("projections") or {}
+    if sorted(proj) != sorted(vectors.names[:3]):
+        raise RuntimeError(f"monitoring returned no projections: {str(mon)[:500]}")
+    return (
+        "personavec server: unsteered output equals scenario 1's; a steered request "
+        f"(coeff {CHECK_COEFF}) changes the greedy output; monitoring returns projections "
+        "for every asked vector"
+    )
 
 
 def _complete(base: str, body: dict) -> dict:

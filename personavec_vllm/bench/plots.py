@@ -26,7 +26,7 @@ def write_plots(stats: Sequence[LevelStats], out_dir: Path, prefix: str) -> list
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     levels, r, keys = levels_of(stats), ratio_spread(stats), scenarios_of(stats)
     by = _medians(stats)
@@ -53,6 +53,8 @@ def write_plots(stats: Sequence[LevelStats], out_dir: Path, prefix: str) -> list
         ylabel="tok/s relative to plain vLLM, same pass",
         title="Relative to plain vLLM (median, bars: lowest/highest pass)",
     )
+    # ticks at 1, 2 and 5 per decade: data between two powers of ten (13-80 tok/s) still gets labels
+    ax1.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     ax1.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax1.yaxis.set_minor_formatter(NullFormatter())
     for ax in (ax1, ax2):
@@ -84,6 +86,7 @@ def write_plots(stats: Sequence[LevelStats], out_dir: Path, prefix: str) -> list
                 label=label(key),
             )
         ax.set(xscale="log", yscale="log", xlabel="concurrency", title=title)
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())

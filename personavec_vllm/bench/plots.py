@@ -6,9 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from personavec_vllm.bench.report import levels_of, scenarios_of
 from personavec_vllm.bench.scenarios import BY_KEY, SCENARIOS, label
-from personavec_vllm.bench.stats import LevelStats, ratio_spread
+from personavec_vllm.bench.stats import LevelStats, levels_of, ratio_spread, scenarios_of
 
 
 def _medians(stats: Sequence[LevelStats]) -> dict[tuple[str, int], LevelStats]:
@@ -20,13 +19,23 @@ def _medians(stats: Sequence[LevelStats]) -> dict[tuple[str, int], LevelStats]:
     return {k: sorted(v, key=lambda s: s.tok_per_s)[(len(v) - 1) // 2] for k, v in groups.items()}
 
 
+def _label_log_y(ax) -> None:
+    """Plain-number labels at 1, 2 and 5 per decade on a log y axis, so that data between two
+    powers of ten (13-80 tok/s) still gets labels."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def write_plots(stats: Sequence[LevelStats], out_dir: Path, prefix: str) -> list[Path]:
     """throughput (absolute and ratio) and latency plots; returns the PNG paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+    from matplotlib.ticker import NullFormatter
 
     levels, r, keys = levels_of(stats), ratio_spread(stats), scenarios_of(stats)
     by = _medians(stats)
@@ -53,10 +62,7 @@ def write_plots(stats: Sequence[LevelStats], out_dir: Path, prefix: str) -> list
         ylabel="tok/s relative to plain vLLM, same pass",
         title="Relative to plain vLLM (median, bars: lowest/highest pass)",
     )
-    # ticks at 1, 2 and 5 per decade: data between two powers of ten (13-80 tok/s) still gets labels
-    ax1.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax1.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ax1.yaxis.set_minor_formatter(NullFormatter())
+    _label_log_y(ax1)
     for ax in (ax1, ax2):
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xticks(levels)
@@ -86,9 +92,7 @@ def write_plots(stats: Sequence[LevelStats], out_dir: Path, prefix: str) -> list
                 label=label(key),
             )
         ax.set(xscale="log", yscale="log", xlabel="concurrency", title=title)
-        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-        ax.yaxis.set_minor_formatter(NullFormatter())
+        _label_log_y(ax)
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xticks(levels)
         ax.set_xticklabels([str(c) for c in levels])

@@ -18,9 +18,11 @@ from personavec_vllm.bench.stats import (
     Ratio,
     RequestResult,
     evaluate_targets,
+    levels_of,
     median,
     rates_by_pass,
     ratio_spread,
+    scenarios_of,
     speedup,
 )
 
@@ -40,15 +42,6 @@ class Report:
 
 def _fmt(v: float, digits: int = 1) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
-
-
-def levels_of(stats: Sequence[LevelStats]) -> list[int]:
-    return sorted({s.concurrency for s in stats})
-
-
-def scenarios_of(stats: Sequence[LevelStats]) -> list[str]:
-    present = {s.scenario for s in stats}
-    return [s.key for s in SCENARIOS if s.key in present]
 
 
 def _ratio_cell(r: Ratio | None) -> str:

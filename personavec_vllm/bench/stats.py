@@ -79,6 +79,17 @@ class LevelStats:
         return self.output_tokens / self.server_cpu_s if self.server_cpu_s > 0 else math.nan
 
 
+def levels_of(stats: Sequence[LevelStats]) -> list[int]:
+    """The concurrencies measured, ascending."""
+    return sorted({s.concurrency for s in stats})
+
+
+def scenarios_of(stats: Sequence[LevelStats]) -> list[str]:
+    """The scenarios measured, in the benchmark's order."""
+    present = {s.scenario for s in stats}
+    return [s.key for s in SCENARIOS if s.key in present]
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0..100) with linear interpolation between closest ranks
     (numpy's default method). NaN for no values."""

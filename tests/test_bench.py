@@ -528,3 +528,22 @@ def test_plots_of_a_non_streaming_run(tmp_path):
     paths = write_plots(stats, tmp_path, "x")
     assert [p.name for p in paths] == ["x_throughput.png", "x_latency.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_a_log_axis_between_two_powers_of_ten_has_labels():
+    """The throughput plot of 13-80 tok/s had no y labels: a log axis labels only powers of ten."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from personavec_vllm.bench.plots import _label_log_y
+
+    fig, ax = plt.subplots()
+    ax.plot([32, 64], [12.9, 80.1])
+    ax.set(yscale="log")
+    _label_log_y(ax)
+    fig.canvas.draw()
+    low, high = ax.get_ylim()
+    shown = [t.get_text() for t in ax.get_yticklabels() if t.get_text() and low <= float(t.get_text()) <= high]
+    plt.close(fig)
+    assert shown == ["20", "50"]

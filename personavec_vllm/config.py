@@ -37,6 +37,9 @@ JUDGE_BASE_URL = "PERSONAVEC_JUDGE_BASE_URL"  # `personavec extract`: the judge 
 JUDGE_MODEL = "PERSONAVEC_JUDGE_MODEL"
 JUDGE_API_KEY = "PERSONAVEC_JUDGE_API_KEY"
 POLICY = "PERSONAVEC_POLICY"  # the server policy file (personavec serve --policy)
+# "off": no steering op in the model (stock vLLM's compiled graph), persona fields refused; what
+# the op costs when no request uses it is the throughput difference to "on" (benchmark scenario 2n)
+STEERING = "PERSONAVEC_STEERING"
 FAULT_VECTOR = "PERSONAVEC_FAULT_VECTOR"  # tests only: the worker fails requests using this vector
 
 DEFAULTS: dict[str, str] = {
@@ -45,6 +48,7 @@ DEFAULTS: dict[str, str] = {
     MAX_LIBRARY: "64",
     MAX_UPLOAD_BYTES: str(16 * 1024 * 1024),
     MAX_JSON_DEPTH: "64",
+    STEERING: "on",
 }
 
 
@@ -67,6 +71,14 @@ def get_float(name: str) -> float:
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
+def steering_on() -> bool:
+    """`PERSONAVEC_STEERING`: on (default) or off; anything else is an error, not a guess."""
+    value = (get(STEERING) or "").strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"{STEERING} must be on or off, got {get(STEERING)!r}")
+    return value == "on"
 
 
 def cache_dir() -> Path:

@@ -35,6 +35,8 @@ config = EngineArgs(
 if mode == "v2":
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
     assert config.use_v2_model_runner
+from vllm import ModelRegistry
+print("LLAMA", ModelRegistry.models["LlamaForCausalLM"].module_name)
 processor = InputProcessor(config)
 request = processor.process_inputs("plain", "hello there", SamplingParams(max_tokens=2), supported_tasks=("generate",))
 print("PLAIN", request.request_id, list(request.sampling_params.extra_args or {}))
@@ -46,9 +48,10 @@ except VLLMValidationError as exc:
 """
 
 
-def _drive_input_processor(model, mode: str, cwd) -> str:
-    """The REFUSED line of SCRIPT in `mode`, after checking that the plain request passed."""
-    env = {**os.environ, "VLLM_PLUGINS": "personavec"}
+def _drive_input_processor(model, mode: str, cwd, **settings: str) -> tuple[str, str]:
+    """The REFUSED line of SCRIPT in `mode` (or "" if nothing was refused), after checking that
+    the plain request passed, and the module of the Llama model class vLLM would build."""
+    env = {**os.environ, "VLLM_PLUGINS": "personavec", **settings}
     env.pop("VLLM_USE_V2_MODEL_RUNNER", None)
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(model), mode],
@@ -61,16 +64,43 @@ def _drive_input_processor(model, mode: str, cwd) -> str:
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = out.stdout.splitlines()
     assert "PLAIN plain []" in lines, out.stdout
-    return next(line for line in lines if line.startswith("REFUSED"))
+    refused = next((line for line in lines if line.startswith("REFUSED")), "")
+    model_module = next(line for line in lines if line.startswith("LLAMA")).split()[1]
+    return refused, model_module
 
 
 def test_v2_model_runner_serves_plain_requests_and_refuses_persona(tiny_llama, tmp_path):
-    refused = _drive_input_processor(tiny_llama, "v2", tmp_path)
+    refused, _ = _drive_input_processor(tiny_llama, "v2", tmp_path)
     assert "V2" in refused and "VLLM_USE_V2_MODEL_RUNNER=0" in refused
 
 
 def test_pipeline_parallel_refuses_persona_requests(tiny_llama, tmp_path):
     """Each pipeline stage would steer and report only its own layers, and each stage's rank 0
     would end the request's report: persona requests are refused, plain ones pass."""
-    refused = _drive_input_processor(tiny_llama, "pp", tmp_path)
+    refused, _ = _drive_input_processor(tiny_llama, "pp", tmp_path)
     assert "pipeline parallelism" in refused and "--tensor-parallel-size" in refused
+
+
+@pytest.mark.parametrize("steering", ["on", "off"])
+def test_steering_off_builds_stock_models_and_refuses_persona_requests(tiny_llama, tmp_path, steering):
+    """PERSONAVEC_STEERING=off (benchmark scenario 2n: what the op costs when unused) must leave
+    vLLM's own model class, so the compiled graph has no op, and refuse persona requests naming
+    the setting; with "on" (the default) the model class is ours and the same request gets as far
+    as its spec's validation."""
+    refused, model_module = _drive_input_processor(tiny_llama, "plain", tmp_path, PERSONAVEC_STEERING=steering)
+    if steering == "off":
+        assert model_module.startswith("vllm.model_executor.models"), model_module
+        assert "PERSONAVEC_STEERING=off" in refused, refused
+    else:
+        assert model_module == "personavec_vllm.engine.architectures"
+        # past the steering check, into the spec's own validation (this engine has no vectors)
+        assert "no vectors are loaded to monitor" in refused and "PERSONAVEC_STEERING" not in refused
+
+
+def test_a_misspelt_steering_setting_stops_the_start(tiny_llama, tmp_path):
+    env = {**os.environ, "VLLM_PLUGINS": "personavec", "PERSONAVEC_STEERING": "of"}
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tiny_llama), "plain"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode != 0
+    assert "PERSONAVEC_STEERING must be on or off, got 'of'" in out.stderr

@@ -177,6 +177,8 @@ def resolve_request(processor, params, request_id: str) -> PersonaSpec | None:
 def persona_disabled_reason(vllm_config, model_config) -> str | None:
     """Why this engine cannot serve persona requests (None if it can). Plain requests are never
     affected: a personavec install must not change what plain vLLM does."""
+    if not config.steering_on():
+        return f"persona steering and monitoring are off on this server ({config.STEERING}=off)"
     if vllm_config.use_v2_model_runner:
         return (
             "persona steering hooks vLLM's V1 model runner, and this engine runs the V2 runner; "

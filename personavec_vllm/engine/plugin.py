@@ -3,12 +3,14 @@
 vLLM calls `register()` in every process it starts (front end, engine core, workers) before
 the model is built. It checks the vLLM internals we hook (`_compat`) and installs, in order of a
 request's path: the front-end hook, the steered model classes, the custom op, the worker hooks.
+With `PERSONAVEC_STEERING=off` the model classes stay vLLM's own (no op in the model).
 """
 
 from __future__ import annotations
 
 
 def register() -> None:
+    from personavec_vllm import config
     from personavec_vllm.engine import _compat
 
     _compat.check()
@@ -18,6 +20,7 @@ def register() -> None:
     from personavec_vllm.engine.worker import install_runner_hooks
 
     install_frontend_hooks()
-    register_architectures()
+    if config.steering_on():
+        register_architectures()
     register_op()
     install_runner_hooks()

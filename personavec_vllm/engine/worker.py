@@ -76,6 +76,9 @@ class StepPlan:
 
 def _build_tables(runner) -> SteeringTables | None:
     _compat.check_input_batch(getattr(runner, "input_batch", None))
+    if not config.steering_on():
+        logger.info("personavec: %s=off: no steering op in the model, no tables", config.STEERING)
+        return None
     model = runner.get_model()
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None or not any(hasattr(layer, "personavec_layer") for layer in layers):

@@ -188,6 +188,7 @@ FACTOR = {
     "plain": 1.0,
     "plain_twin": 1.01,
     "unsteered": 0.995,
+    "unsteered_off": 1.02,
     "steer_same": 0.985,
     "steer_distinct": 0.96,
     "monitor1": 0.975,
@@ -330,6 +331,10 @@ def test_server_env_reaches_both_servers_but_cannot_name_the_plugin():
     plain, plugin = bench.server_env(plugin=False), bench.server_env(plugin=True)
     assert plain["GLIBC_TUNABLES"] == plugin["GLIBC_TUNABLES"] == tunables and plain["A"] == plugin["A"] == ""
     assert "personavec" not in plain["VLLM_PLUGINS"] and "personavec" in plugin["VLLM_PLUGINS"]
+    # scenario 2n's server: the plugin with steering off; every other plugin server steers
+    off = bench.server_env(plugin=True, steering_off=True)
+    assert "personavec" in off["VLLM_PLUGINS"] and off["PERSONAVEC_STEERING"] == "off"
+    assert plugin["PERSONAVEC_STEERING"] == "on" and "PERSONAVEC_STEERING" not in plain
     for bad in ("VLLM_PLUGINS=personavec", "NOEQUALS", "1X=2"):
         with pytest.raises(SystemExit):
             cli.build_parser().parse_args(["bench", "--server-env", bad])

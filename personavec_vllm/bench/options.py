@@ -14,7 +14,7 @@ from personavec_vllm import config
 DEFAULT_OUT = Path("benchmarks") / "results"
 SERVED_NAME = "personavec-bench"
 NUM_VECTORS = 8
-RUN_DOC = "What persona steering and monitoring cost on the real HTTP server, and what the usual\nalternative (HF transformers + a forward hook) costs, measured in one run.\n\n    personavec bench                              # or: python -m personavec_vllm.bench\n    personavec bench --concurrency 1,8,32,64 --requests 16,64,64,64 --output-len 64\n\nScenarios (all on the same seeded workload; ratios divide by scenario 1 at the same concurrency):\n\n  1  vLLM without the plugin (VLLM_PLUGINS excluding personavec)       - the baseline\n  1b a second such server: how far two identical servers differ\n  2  personavec loaded, requests unsteered                            \\\\\n  3  every request steered with the same spec                          | one server start\n  4  every request steered with a different spec                       |\n  5a/5b  every request monitors 1 / 3 vectors                         /\n  6a/6b  HF transformers generate + forward hook: scenario 3's spec (batch = concurrency) and\n         scenario 4's specs (one spec per batch, so one request per batch)\n\nWrites `<out>/<prefix>.md`, `.csv`, `_requests.csv` and PNG plots. See benchmarks/README.md in the repository."
+RUN_DOC = "What persona steering and monitoring cost on the real HTTP server, and what the usual\nalternative (HF transformers + a forward hook) costs, measured in one run.\n\n    personavec bench                              # or: python -m personavec_vllm.bench\n    personavec bench --concurrency 1,8,32,64 --requests 16,64,64,64 --output-len 64\n\nScenarios (all on the same seeded workload; ratios divide by scenario 1 at the same concurrency):\n\n  1  vLLM without the plugin (VLLM_PLUGINS excluding personavec)       - the baseline\n  1b a second such server: how far two identical servers differ\n  2n personavec with PERSONAVEC_STEERING=off (no op in the model), on a server of its own\n  2  personavec loaded, requests unsteered                            \\\\\n  3  every request steered with the same spec                          | one server start\n  4  every request steered with a different spec                       |\n  5a/5b  every request monitors 1 / 3 vectors                         /\n  6a/6b  HF transformers generate + forward hook: scenario 3's spec (batch = concurrency) and\n         scenario 4's specs (one spec per batch, so one request per batch)\n\nWrites `<out>/<prefix>.md`, `.csv`, `_requests.csv` and PNG plots. See benchmarks/README.md in the repository."
 
 
 def _int_list(text: str) -> list[int]:
@@ -90,8 +90,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=_scenario_list,
         default=None,
         help="comma-separated subset, by number or key (default: all): "
-        "1,1b,2,3,4,5a,5b,5c,5d,6a,6b; scenario 1 is always run as the baseline; 1b is a second "
-        "plain vLLM server (how far two identical servers differ)",
+        "1,1b,2,2n,3,4,5a,5b,5c,5d,6a,6b; scenario 1 is always run as the baseline; 1b is a second "
+        "plain vLLM server (how far two identical servers differ); 2n the plugin with steering off",
     )
     p.add_argument(
         "--passes",

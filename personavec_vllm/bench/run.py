@@ -129,7 +129,7 @@ class Bench:
             argv.append("--enforce-eager")
         return argv + shlex.split(a.vllm_args)
 
-    def server_env(self, plugin: bool) -> dict[str, str]:
+    def server_env(self, plugin: bool, steering_off: bool = False) -> dict[str, str]:
         from personavec_vllm.cli.serve import PLUGIN_NAME, default_vllm_plugins
 
         env = dict(os.environ)
@@ -138,6 +138,7 @@ class Bench:
         if plugin:
             env["VLLM_PLUGINS"] = default_vllm_plugins()
             env["PERSONAVEC_ADMIN_KEY"] = BENCH_ADMIN_KEY  # scenario 5d changes the policy
+            env[config.STEERING] = "off" if steering_off else "on"
         else:
             others = [n for n in config.comma_list(default_vllm_plugins()) if n != PLUGIN_NAME]
             # an allow-list naming every other installed general plugin, not ours
@@ -145,13 +146,14 @@ class Bench:
         return env
 
     @contextlib.contextmanager
-    def server(self, plugin: bool, twin: bool = False, instance: int = 0):
-        """One server (plain vLLM, a second plain vLLM or personavec), checked; yields its base URL."""
+    def server(self, plugin: bool, twin: bool = False, instance: int = 0, steering_off: bool = False):
+        """One server (plain vLLM, a second plain vLLM, personavec or personavec with steering
+        off), checked; yields its base URL."""
         from personavec_vllm.bench.profile import server_roles
         from personavec_vllm.testing import free_port, server_process
 
-        env = self.server_env(plugin)
-        which = "plugin" if plugin else "plain_twin" if twin else "plain"
+        env = self.server_env(plugin, steering_off)
+        which = "plugin_steering_off" if steering_off else "plugin" if plugin else "plain_twin" if twin else "plain"
         log_dir = self.out if self.args.keep_logs else Path(self.tmp)
         start = f"_start{instance + 1}" if self.args.instances > 1 else ""
         log_path = log_dir / f"{self.args.prefix}_server_{which}{start}.log"
@@ -173,7 +175,7 @@ class Bench:
                 log(f"server ready after {time.monotonic() - t:.0f} s")
                 self.notes.append(f"{which} server start: {time.monotonic() - t:.0f} s (not measured)")
                 self.record_threads(log_path, which)
-                self.sanity_checks(base, plugin)
+                self.sanity_checks(base, plugin and not steering_off)  # off: persona fields refused
                 yield base
         except Exception:
             if not self.args.keep_logs and log_path.exists():
@@ -183,16 +185,16 @@ class Bench:
             raise
 
     def run_server_scenarios(self, keys: list[str]) -> None:
-        """Both servers (and scenario 1b's second plain server) run side by side, only one of
+        """Both servers (and those of scenarios 1b and 2n) run side by side, only one of
         them loaded at a time. Each pass measures every scenario once per level, in an order
         rotated by pass and level, so that slow drift of the machine and order effects spread over
         all scenarios instead of biasing one server. With --instances N the servers are started
         afresh N times (pass indices run on), because a server keeps what its start gave it (where
         its memory lies, how its allocator settled) for all its passes."""
-        from personavec_vllm.bench.scenarios import TWIN
+        from personavec_vllm.bench.scenarios import OWN_SERVER, STEERING_OFF, TWIN
 
-        plugin_keys = [k for k in keys if k not in ("plain", TWIN)]
-        order = [k for k in keys if k in ("plain", TWIN)] + plugin_keys
+        plugin_keys = [k for k in keys if k not in OWN_SERVER]
+        order = [k for k in keys if k in OWN_SERVER] + plugin_keys
         for instance in range(self.args.instances):
             if self.args.instances > 1:
                 log(f"server instance {instance + 1} of {self.args.instances}: starting fresh servers")
@@ -200,10 +202,13 @@ class Bench:
                 bases = {"plain": stack.enter_context(self.server(False, instance=instance))}
                 if TWIN in keys:
                     bases[TWIN] = stack.enter_context(self.server(False, twin=True, instance=instance))
+                if STEERING_OFF in keys:
+                    off = self.server(True, instance=instance, steering_off=True)
+                    bases[STEERING_OFF] = stack.enter_context(off)
                 if plugin_keys:
                     plugin_base = stack.enter_context(self.server(True, instance=instance))
                     bases |= dict.fromkeys(plugin_keys, plugin_base)
-                for key in ("plain", TWIN):
+                for key in OWN_SERVER:
                     if key in bases:
                         self.warm_up(bases[key], [key], False)
                 if plugin_keys:

@@ -16,7 +16,8 @@ class Scenario:
     number: str
     title: str
     description: str
-    group: str  # "plain": vLLM without the plugin; "plugin": personavec serve; "hf": transformers
+    group: str  # "plain": vLLM without the plugin; "plugin": personavec serve; "plugin_off": the same
+    # with PERSONAVEC_STEERING=off; "hf": transformers
 
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -41,6 +42,15 @@ SCENARIOS: tuple[Scenario, ...] = (
         "plugin, unsteered",
         "personavec loaded (op after every decoder layer), requests carry no persona fields",
         "plugin",
+    ),
+    Scenario(
+        "unsteered_off",
+        "2n",
+        "plugin, steering off",
+        "personavec loaded with PERSONAVEC_STEERING=off on a server of its own: its hooks, routes and "
+        "metrics, but stock vLLM's model (no op); requests carry no persona fields. 2 against 2n is "
+        "what the op costs when no request uses it",
+        "plugin_off",
     ),
     Scenario(
         "steer_same",
@@ -103,6 +113,8 @@ SCENARIOS: tuple[Scenario, ...] = (
 BY_KEY = {s.key: s for s in SCENARIOS}
 BASELINE = "plain"
 TWIN = "plain_twin"  # scenario 1 on a server of its own
+STEERING_OFF = "unsteered_off"  # scenario 2 on a server of its own, without the op
+OWN_SERVER = ("plain", TWIN, STEERING_OFF)  # the scenarios that each have a server of their own
 PLUGIN_SCENARIOS = tuple(s.key for s in SCENARIOS if s.group == "plugin")
 HF_SCENARIOS = tuple(s.key for s in SCENARIOS if s.group == "hf")
 

@@ -552,3 +552,36 @@ def test_a_log_axis_between_two_powers_of_ten_has_labels():
     shown = [t.get_text() for t in ax.get_yticklabels() if t.get_text() and low <= float(t.get_text()) <= high]
     plt.close(fig)
     assert shown == ["20", "50"]
+
+
+def test_worker_op_profile_reads_the_torch_profiler_table(tmp_path):
+    """benchmarks/worker_op_profile.py parses the table vLLM's worker writes (torch's own
+    `key_averages().table`), per op and output token, against the profiler's own numbers."""
+    import importlib.util
+    import json
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("worker_op_profile", ROOT / "benchmarks" / "worker_op_profile.py")
+    assert spec and spec.loader
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    averages = {}
+    for name, size in (("plain", 64), ("plugin", 128)):
+        folder = tmp_path / name
+        folder.mkdir()
+        a = torch.randn(size, size)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                a = torch.mm(a, a).tanh()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=50)
+        (folder / "rank0.profiler_out.txt").write_text(table)
+        (folder / "tokens.json").write_text(json.dumps({"tokens": 10}))
+        averages[name] = {e.key: e for e in prof.key_averages()}
+    rows, total, tokens = tool.worker_table(tmp_path / "plugin")
+    mm = averages["plugin"]["aten::mm"]
+    assert tokens == 10 and rows["aten::mm"][1] == mm.count == 5
+    assert rows["aten::mm"][0] == pytest.approx(mm.self_cpu_time_total / 1000, rel=0.01, abs=0.002)
+    assert total >= rows["aten::mm"][0]
+    report = tool.compare(tmp_path, "plain", "plugin")
+    assert "| `aten::mm` |" in report and "| 5 | 5 |" in report

@@ -20,11 +20,10 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from personavec_vllm import config
 from personavec_vllm.bench.client import run_level
 from personavec_vllm.bench.profile import proc_stat
 from personavec_vllm.bench.workload import LengthRange, WorkloadConfig, make_workload, with_fresh_words, word_vocab
-from personavec_vllm.cli.serve import PLUGIN_NAME, default_vllm_plugins
+from personavec_vllm.cli.serve import default_vllm_plugins, plain_vllm_plugins
 from personavec_vllm.data import vectors_dir
 from personavec_vllm.models import DEFAULT_MODEL_NAME, resolve_model
 from personavec_vllm.testing import free_port, server_process
@@ -48,7 +47,7 @@ def main() -> None:
     args += ["--dtype", "float32", "--max-model-len", "592", "--seed", "0", "--disable-uvicorn-access-log"]
     args += ["--max-num-seqs", "64", "--no-enable-prefix-caching"] + (["--enforce-eager"] if a.eager else [])
     protocol = {"api": "chat" if a.chat else "completions", "stream": a.stream}
-    others = ",".join(n for n in config.comma_list(default_vllm_plugins()) if n != PLUGIN_NAME) or "none"
+    others = plain_vllm_plugins()
     servers = {
         "plain": {"VLLM_PLUGINS": others},
         "plugin": {"VLLM_PLUGINS": default_vllm_plugins()},

@@ -59,7 +59,7 @@ def _level(base: str, seed: int, requests: int, concurrency: int, max_tokens: in
 
 def profile_server(which: str, out: Path, args: argparse.Namespace) -> None:
     from personavec_vllm import config
-    from personavec_vllm.cli.serve import PLUGIN_NAME, default_vllm_plugins
+    from personavec_vllm.cli.serve import default_vllm_plugins, plain_vllm_plugins
     from personavec_vllm.models import resolve_model
     from personavec_vllm.testing import free_port, server_process
 
@@ -68,8 +68,7 @@ def profile_server(which: str, out: Path, args: argparse.Namespace) -> None:
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", TORCHINDUCTOR_CPP_ENABLE_KERNEL_PROFILE="1")
     env["VLLM_DISABLE_COMPILE_CACHE"] = "1"  # the kernels must be compiled with profiling on
     if which == "plain":
-        others = [n for n in config.comma_list(default_vllm_plugins()) if n != PLUGIN_NAME]
-        env["VLLM_PLUGINS"] = ",".join(others) or "none"
+        env["VLLM_PLUGINS"] = plain_vllm_plugins()
     else:
         env["VLLM_PLUGINS"] = default_vllm_plugins()
         env[config.STEERING] = "off" if which == "plugin_steering_off" else "on"

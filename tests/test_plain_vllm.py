@@ -48,12 +48,11 @@ except VLLMValidationError as exc:
 """
 
 
-def _drive_input_processor(model, mode: str, cwd, **settings: str) -> tuple[str, str]:
-    """The REFUSED line of SCRIPT in `mode` (or "" if nothing was refused), after checking that
-    the plain request passed, and the module of the Llama model class vLLM would build."""
+def _run_script(model, mode: str, cwd, **settings: str) -> subprocess.CompletedProcess:
+    """SCRIPT in a fresh process with the plugin and `settings` in its environment."""
     env = {**os.environ, "VLLM_PLUGINS": "personavec", **settings}
     env.pop("VLLM_USE_V2_MODEL_RUNNER", None)
-    out = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", SCRIPT, str(model), mode],
         capture_output=True,
         text=True,
@@ -61,6 +60,12 @@ def _drive_input_processor(model, mode: str, cwd, **settings: str) -> tuple[str,
         timeout=300,
         cwd=cwd,
     )
+
+
+def _drive_input_processor(model, mode: str, cwd, **settings: str) -> tuple[str, str]:
+    """The REFUSED line of SCRIPT in `mode` (or "" if nothing was refused), after checking that
+    the plain request passed, and the module of the Llama model class vLLM would build."""
+    out = _run_script(model, mode, cwd, **settings)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = out.stdout.splitlines()
     assert "PLAIN plain []" in lines, out.stdout
@@ -98,9 +103,6 @@ def test_steering_off_builds_stock_models_and_refuses_persona_requests(tiny_llam
 
 
 def test_a_misspelt_steering_setting_stops_the_start(tiny_llama, tmp_path):
-    env = {**os.environ, "VLLM_PLUGINS": "personavec", "PERSONAVEC_STEERING": "of"}
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tiny_llama), "plain"], capture_output=True, text=True, env=env, timeout=300
-    )
+    out = _run_script(tiny_llama, "plain", tmp_path, PERSONAVEC_STEERING="of")
     assert out.returncode != 0
     assert "PERSONAVEC_STEERING must be on or off, got 'of'" in out.stderr

@@ -130,7 +130,7 @@ class Bench:
         return argv + shlex.split(a.vllm_args)
 
     def server_env(self, plugin: bool, steering_off: bool = False) -> dict[str, str]:
-        from personavec_vllm.cli.serve import PLUGIN_NAME, default_vllm_plugins
+        from personavec_vllm.cli.serve import default_vllm_plugins, plain_vllm_plugins
 
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -140,9 +140,7 @@ class Bench:
             env["PERSONAVEC_ADMIN_KEY"] = BENCH_ADMIN_KEY  # scenario 5d changes the policy
             env[config.STEERING] = "off" if steering_off else "on"
         else:
-            others = [n for n in config.comma_list(default_vllm_plugins()) if n != PLUGIN_NAME]
-            # an allow-list naming every other installed general plugin, not ours
-            env["VLLM_PLUGINS"] = ",".join(others) or "none"
+            env["VLLM_PLUGINS"] = plain_vllm_plugins()
         return env
 
     @contextlib.contextmanager

@@ -60,6 +60,13 @@ def default_vllm_plugins() -> str:
     return ",".join(sorted(names))
 
 
+def plain_vllm_plugins() -> str:
+    """VLLM_PLUGINS for stock vLLM beside personavec (the benchmarks' baseline): an allow-list
+    naming every other installed general plugin, not ours ("none" if there is no other)."""
+    others = [name for name in config.comma_list(default_vllm_plugins()) if name != PLUGIN_NAME]
+    return ",".join(others) or "none"
+
+
 def check_torch_extras() -> str | None:
     """Return an error message if torchvision is installed but cannot be imported.
 

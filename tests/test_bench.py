@@ -349,7 +349,27 @@ def test_proc_stat_reads_cpu_and_page_faults():
         sum(range(200_000))
     assert usage.minor_faults["me"] >= 1000 and usage.seconds["me"] > 0
     assert math.isnan(usage.seconds["gone"]) and math.isnan(usage.minor_faults["gone"])
+    assert math.isnan(usage.huge_mb["gone"]) and usage.huge_mb["me"] >= 0
     assert proc_stat(2**22 + 1) is None
+
+
+def test_anon_huge_mb_sees_memory_on_transparent_huge_pages():
+    import mmap
+
+    from personavec_vllm.bench.profile import anon_huge_mb
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("transparent huge pages are off on this machine")
+    before = anon_huge_mb(os.getpid())
+    region = mmap.mmap(-1, 64 * 2**20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.madvise(mmap.MADV_HUGEPAGE)  # what THP_MEM_ALLOC_ENABLE=1 makes torch do for large tensors
+    region[::4096] = b"x" * len(region[::4096])
+    try:
+        assert anon_huge_mb(os.getpid()) >= before + 16  # at least some of the 64 MB, 2 MB at a time
+    finally:
+        region.close()
+    assert math.isnan(anon_huge_mb(2**22 + 1))
 
 
 def _cpu_stats(key: str, p: int, tok_per_s: float, worker_cpu_s: float) -> st.LevelStats:

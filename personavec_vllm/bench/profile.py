@@ -51,6 +51,20 @@ class ProcStat:
     minor_faults: int  # page faults served without I/O: first touches of memory the kernel hands out
 
 
+def anon_huge_mb(pid: int) -> float:
+    """MB of the process's anonymous memory on transparent huge pages (2 MB pages: fewer TLB
+    misses, and a physical layout that does not change from one start to the next); NaN once
+    it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return float("nan")
+    for line in text.splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def proc_stat(pid: int) -> ProcStat | None:
     """The process's CPU seconds and minor page faults so far; None once it is gone."""
     try:
@@ -62,12 +76,14 @@ def proc_stat(pid: int) -> ProcStat | None:
 
 @dataclass
 class ProcessUsage:
-    """CPU seconds and minor page faults of each role over one measurement (NaN for a role
-    whose process is gone). Faults say whether a process keeps getting fresh pages from the
-    kernel for buffers it frees and allocates again every step (glibc returning them)."""
+    """CPU seconds and minor page faults of each role over one measurement, and its memory on
+    huge pages at the end (NaN for a role whose process is gone). Faults say whether a process
+    keeps getting fresh pages from the kernel for buffers it frees and allocates again every
+    step (glibc returning them)."""
 
     seconds: dict[str, float] = field(default_factory=dict)
     minor_faults: dict[str, float] = field(default_factory=dict)
+    huge_mb: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     @contextlib.contextmanager
@@ -84,6 +100,7 @@ class ProcessUsage:
                 else:
                     out.seconds[role] = end.cpu_s - start.cpu_s
                     out.minor_faults[role] = end.minor_faults - start.minor_faults
+                out.huge_mb[role] = anon_huge_mb(pid)
 
 
 # vLLM's counters ------------------------------------------------------------------------------

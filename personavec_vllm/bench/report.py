@@ -90,8 +90,8 @@ def full_table(stats: Sequence[LevelStats]) -> str:
     lines = [
         "| scenario | conc. | start | pass | requests | output tok/s | ratio to baseline | latency p50 (s) | latency p99 (s) "
         "| TTFT p50 (s) | TTFT p99 (s) | errors | other CPU (cores) | worker CPU ms / output token "
-        "| worker minor page faults | prompt tokens computed | preemptions | engine steps |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| worker minor page faults | worker MB on huge pages | prompt tokens computed | preemptions | engine steps |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in stats:
         by_pass = base.get(s.concurrency, {})
@@ -103,7 +103,7 @@ def full_table(stats: Sequence[LevelStats]) -> str:
             f"{s.requests} | {_fmt(s.tok_per_s)} | {_fmt(ratio, 3)} | {_fmt(s.latency_p50, 2)} | "
             f"{_fmt(s.latency_p99, 2)} | {_fmt(s.ttft_p50, 2)} | {_fmt(s.ttft_p99, 2)} | {s.errors} | "
             f"{_fmt(s.other_cpu, 2)} | {_fmt(1000 * s.worker_cpu_s / s.output_tokens if s.output_tokens else math.nan, 2)} | "
-            f"{_fmt(s.worker_minor_faults, 0)} | {_fmt(s.prompt_tokens_computed, 0)} | "
+            f"{_fmt(s.worker_minor_faults, 0)} | {_fmt(s.worker_huge_mb, 0)} | {_fmt(s.prompt_tokens_computed, 0)} | "
             f"{_fmt(s.preemptions, 0)} | {_fmt(s.engine_steps, 0)} |"
         )
     return "\n".join(lines)

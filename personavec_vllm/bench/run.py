@@ -350,6 +350,7 @@ class Bench:
         s.server_cpu_s = sum(usage.seconds.values())
         s.worker_cpu_s = usage.seconds.get("worker", math.nan)
         s.worker_minor_faults = usage.minor_faults.get("worker", math.nan)
+        s.worker_huge_mb = usage.huge_mb.get("worker", math.nan)
         s.prompt_tokens_computed, s.preemptions, s.engine_steps = (
             work.prompt_tokens_computed,
             work.preemptions,

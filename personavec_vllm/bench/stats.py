@@ -63,6 +63,7 @@ class LevelStats:
     worker_cpu_s: float = math.nan
     instance: int = 0  # which start of the servers measured it (--instances)
     worker_minor_faults: float = math.nan  # pages the worker got fresh from the kernel over the level
+    worker_huge_mb: float = math.nan  # the worker's memory on transparent huge pages at the level's end
     # vLLM's counters over the level: prompt tokens computed (prefix-cache hits excluded), preemptions
     prompt_tokens_computed: float = math.nan
     preemptions: float = math.nan

@@ -173,7 +173,7 @@ class Bench:
                 log(f"server ready after {time.monotonic() - t:.0f} s")
                 self.notes.append(f"{which} server start: {time.monotonic() - t:.0f} s (not measured)")
                 self.record_threads(log_path, which)
-                self.sanity_checks(base, plugin and not steering_off)  # off: persona fields refused
+                self.sanity_checks(base, "off" if steering_off else "on" if plugin else "plain")
                 yield base
         except Exception:
             if not self.args.keep_logs and log_path.exists():
@@ -234,9 +234,10 @@ class Bench:
         if note:
             self.notes.append(note)
 
-    def sanity_checks(self, base: str, plugin: bool) -> None:
-        """Before timing: persona fields must be ignored by the plain server and applied by ours."""
-        check = server_check(base, plugin, self.workload[0], self.vectors, self.check_texts)
+    def sanity_checks(self, base: str, server: str) -> None:
+        """Before timing: persona fields must be ignored by the plain server, refused by ours with
+        steering off and applied by ours."""
+        check = server_check(base, server, self.workload[0], self.vectors, self.check_texts)
         if check not in self.checks:
             self.checks.append(check)
 

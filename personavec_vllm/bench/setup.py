@@ -248,10 +248,13 @@ def persona_check(key: str, vectors):
     return check
 
 
-def server_check(base: str, plugin: bool, request, vectors, check_texts: dict[str, str]) -> str:
-    """Before timing: persona fields must be ignored by a plain server and applied by ours, and
-    unsteered output must be the same on every server (`check_texts` keeps the first server's).
+def server_check(base: str, server: str, request, vectors, check_texts: dict[str, str]) -> str:
+    """Before timing: unsteered output must be the same on every server (`check_texts` keeps the
+    first server's), and persona fields must be ignored by a plain server (`server="plain"`),
+    refused naming the setting by ours with steering off (`"off"`) and applied by ours (`"on"`).
     Raises RuntimeError if not; returns the check's sentence for the report."""
+    import urllib.error
+
     from personavec_vllm.bench.client import completion_body
     from personavec_vllm.bench.scenarios import CHECK_COEFF
 
@@ -264,21 +267,30 @@ def server_check(base: str, plugin: bool, request, vectors, check_texts: dict[st
     }
     text = _complete(base, plain_body)["choices"][0]["text"]
     check_texts.setdefault("unsteered", text)
+    if text != check_texts["unsteered"]:
+        raise RuntimeError(f"unsteered output differs between the {server} server and the first one")
     try:
         steered = _complete(base, {**plain_body, **steer})
-    except Exception as exc:
-        steered = {"error": str(exc)}
-    if not plugin:
-        if text != check_texts["unsteered"]:
-            raise RuntimeError("unsteered output differs between the two plain servers")
-        if "persona" in steered or (steered.get("choices") and steered["choices"][0]["text"] != text):
-            raise RuntimeError("the plain vLLM server applied persona_steer: the plugin is not excluded")
+    except urllib.error.HTTPError as exc:
+        steered = {"status": exc.code, "error": exc.read().decode(errors="replace")}
+    if server == "plain":
+        if "persona" in steered or steered.get("choices", [{}])[0].get("text") != text:
+            raise RuntimeError(
+                f"the plain vLLM server applied persona_steer: the plugin is not excluded: {str(steered)[:500]}"
+            )
         return (
             "scenario 1 server ignores persona fields: a request with persona_steer "
             f"(coeff {CHECK_COEFF}) got no `persona` object and the unsteered text"
         )
-    if text != check_texts["unsteered"]:
-        raise RuntimeError("unsteered output differs between the plain and the personavec server")
+    if server == "off":
+        if steered.get("status") != 400 or "PERSONAVEC_STEERING" not in steered.get("error", ""):
+            raise RuntimeError(
+                f"the steering-off server did not refuse persona_steer naming the setting: {str(steered)[:500]}"
+            )
+        return (
+            "scenario 2n server (PERSONAVEC_STEERING=off): unsteered output equals scenario 1's; "
+            "a request with persona_steer is refused with a 400 naming the setting"
+        )
     if "persona" not in steered or steered["choices"][0]["text"] == text:
         raise RuntimeError(f"steering was not applied on the personavec server: {str(steered)[:500]}")
     mon = _complete(base, {**plain_body, "persona_monitor": {"vectors": list(vectors.names[:3])}})

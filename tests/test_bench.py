@@ -605,3 +605,18 @@ def test_worker_op_profile_reads_the_torch_profiler_table(tmp_path):
     assert total >= rows["aten::mm"][0]
     report = tool.compare(tmp_path, "plain", "plugin")
     assert "| `aten::mm` |" in report and "| 5 | 5 |" in report
+
+
+def test_engine_overhead_pairs_rounds_and_intervals_the_mean():
+    from personavec_vllm.bench.engine_overhead import LOADS, paired_ratio, rotated
+
+    orders = [rotated(LOADS, r) for r in range(len(LOADS))]
+    assert {o[0] for o in orders} == set(LOADS) and all(sorted(o) == sorted(LOADS) for o in orders)
+    flat = paired_ratio([1.0] * 8)
+    assert (flat.mean, flat.ci_low, flat.ci_high, flat.rounds) == (1.0, 1.0, 1.0, 8)
+    rng = random.Random(0)
+    noisy = [0.97 + rng.gauss(0, 0.02) for _ in range(40)]
+    s = paired_ratio(noisy)
+    assert s.low < s.ci_low < s.mean < s.ci_high < s.high
+    assert s.ci_high < 1.0  # 40 rounds resolve a 3 % cost under 2 % noise per round
+    assert abs((s.ci_high - s.ci_low) - 2 * 1.96 * statistics.stdev(noisy) / len(noisy) ** 0.5) < 0.004

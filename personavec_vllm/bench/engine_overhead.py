@@ -1,121 +1,240 @@
-"""What per-request steering and monitoring cost inside one vLLM engine.
+"""What per-request steering and monitoring cost inside one vLLM engine, paired round by round.
 
-On the default model (or --model), 32 concurrent requests (--concurrency) generate a fixed
-number of tokens (ignore_eos) under three loads, interleaved over several rounds so that drift
-hits all of them alike:
+Ratios between two servers (`personavec bench`) carry the few per cent that each server process
+keeps from its start; inside one engine there is no such bias. This runs the serving benchmark's
+requests (its prompt and output lengths, its scenario specs, the served vector library) as loads
+of one `vllm.LLM` (prefix caching on, compiled mode):
 
-  plain      no persona spec (the baseline)
-  steered    every request a *different* steering spec (vector mix, sign, coefficient, layer)
-  monitored  every request monitors 3 vectors at their recommended layer
+  unsteered        no persona fields (the baseline)
+  unsteered_again  the same again: the instrument's own null, whose ratio must come out at 1
+  steer_distinct   scenario 4: every request its own steering spec, all 30 layers in use
+  monitor3         scenario 5b: every request monitors 3 vectors
 
-(one round = each load once, in an order rotated every round), and prints output tokens/s per load and the ratio to `plain`, measured side by side in one run.
+Each round runs every load once (all its requests at once), in an order rotated every round;
+every load of every round draws its own words, so no load reuses another's prefill from the
+prefix cache. A load's ratio in a round is its output tok/s over that round's `unsteered`; the
+table gives the mean over rounds with a 95 % bootstrap interval, the median and the range, and
+the same for output tokens per CPU second of the whole engine (all processes of this group).
 
-    .venv/bin/python -m personavec_vllm.bench.engine_overhead [--rounds 3] [--max-tokens 64]
+    .venv/bin/python -m personavec_vllm.bench.engine_overhead [--rounds 12] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import statistics
-import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
+LOADS = ("unsteered", "unsteered_again", "steer_distinct", "monitor3")
+BASELINE = "unsteered"
 
 
-def make_vectors(directory: Path, num_layers: int, hidden: int, count: int = 4) -> list[str]:
-    from personavec_vllm.vectors import PersonaVector, save_vector
+@dataclass(frozen=True)
+class PairedRatio:
+    """Per-round ratios of one load to the baseline: mean with a 95 % bootstrap interval (over
+    rounds), median and range."""
 
-    gen = torch.Generator().manual_seed(0)
-    names = []
-    for i in range(count):
-        v = torch.randn(num_layers + 1, hidden, generator=gen)
-        v = v / v.norm(dim=1, keepdim=True)
-        name = f"bench{i}"
-        save_vector(PersonaVector(name, v, name, "bench", layer=num_layers // 2 + i), directory / f"{name}.safetensors")
-        names.append(name)
-    return names
+    mean: float
+    ci_low: float
+    ci_high: float
+    median: float
+    low: float
+    high: float
+    rounds: int
+
+
+def paired_ratio(ratios: list[float], reps: int = 10_000, seed: int = 0) -> PairedRatio:
+    import numpy as np
+
+    values = np.asarray(ratios, dtype=float)
+    means = np.random.default_rng(seed).choice(values, size=(reps, len(values))).mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return PairedRatio(
+        float(values.mean()),
+        float(lo),
+        float(hi),
+        float(np.median(values)),
+        float(values.min()),
+        float(values.max()),
+        len(values),
+    )
+
+
+def group_cpu_seconds() -> float:
+    """CPU seconds so far of every live process in this process group (this script, the engine
+    core and its worker)."""
+    from personavec_vllm.bench.profile import proc_stat
+
+    group, total = os.getpgid(0), 0.0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                same = os.getpgid(int(entry)) == group
+            except OSError:
+                continue
+            stat = proc_stat(int(entry)) if same else None
+            total += stat.cpu_s if stat else 0.0
+    return total
+
+
+def rotated(loads: tuple[str, ...], r: int) -> list[str]:
+    """Round `r`'s order: no load always goes first or always follows the same one."""
+    k = r % len(loads)
+    return list(loads[k:] + loads[:k])
+
+
+def table(summary: dict[str, dict[str, PairedRatio]], rates: dict[str, list[float]]) -> str:
+    from personavec_vllm.bench.stats import median
+
+    lines = [
+        "| load | output tok/s (median) | tok/s ratio: mean [95 % CI] | median (range) "
+        "| tokens per CPU s ratio: mean [95 % CI] | median (range) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for load in LOADS:
+        t, c = summary["tok_per_s"][load], summary["tok_per_cpu_s"][load]
+        lines.append(
+            f"| {load} | {median(rates[load]):.1f} | {t.mean:.3f} [{t.ci_low:.3f}, {t.ci_high:.3f}] "
+            f"| {t.median:.3f} ({t.low:.3f}-{t.high:.3f}) | {c.mean:.3f} [{c.ci_low:.3f}, {c.ci_high:.3f}] "
+            f"| {c.median:.3f} ({c.low:.3f}-{c.high:.3f}) |"
+        )
+    return "\n".join(lines)
+
+
+def plot(ratios: dict[str, list[float]], path: Path) -> None:
+    """Every round's ratio per load (a dot each), the mean and its interval as a bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loads = [k for k in LOADS if k != BASELINE]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for x, load in enumerate(loads):
+        s = paired_ratio(ratios[load])
+        ax.plot([x] * len(ratios[load]), ratios[load], "o", alpha=0.5)
+        ax.errorbar(x + 0.15, s.mean, yerr=[[s.mean - s.ci_low], [s.ci_high - s.mean]], fmt="k_", capsize=6)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks(range(len(loads)), loads)
+    ax.set_ylabel("output tok/s over the same round's unsteered")
+    ax.set_title("One engine, paired rounds (bar: mean, 95 % bootstrap CI)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HF folder (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--vectors", default=None, help="vector library (default: the packaged one for the model)")
+    parser.add_argument("--concurrency", type=int, default=32, help="requests per load (submitted at once)")
+    parser.add_argument("--prompt-len", default="32:512", help="as personavec bench (log-normal, clipped)")
+    parser.add_argument("--output-len", default="32:96", help="as personavec bench (uniform)")
+    parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's compiled mode)")
-    parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    parser.add_argument("--out", default=None, help="folder for engine_overhead.json, .md and .png")
     args = parser.parse_args()
 
-    from transformers import AutoConfig
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # as the serving benchmark's servers
+    from transformers import AutoConfig, AutoTokenizer
     from vllm import SamplingParams
 
-    from personavec_vllm.engine.offline import make_llm, persona_params, projections
-    from personavec_vllm.models import resolve_model
+    from personavec_vllm.bench.scenarios import persona_fields
+    from personavec_vllm.bench.setup import load_vectors
+    from personavec_vllm.bench.workload import LengthRange, WorkloadConfig, make_workload, with_fresh_words, word_vocab
+    from personavec_vllm.data import vectors_dir
+    from personavec_vllm.engine.llm import make_llm
+    from personavec_vllm.engine.offline import persona_params, projections
+    from personavec_vllm.models import DEFAULT_MODEL_NAME, resolve_model
 
     model = resolve_model(args.model)
     config = AutoConfig.from_pretrained(model)
-    num_layers = config.num_hidden_layers
-    vector_dir = Path(tempfile.mkdtemp(prefix="personavec-bench-"))
-    names = make_vectors(vector_dir, num_layers, config.hidden_size)
-    llm = make_llm(model, vectors=vector_dir, enforce_eager=args.eager, max_model_len=1024)
+    folder = Path(args.vectors) if args.vectors else vectors_dir(DEFAULT_MODEL_NAME)
+    vectors = load_vectors(folder, config.num_hidden_layers, config.hidden_size)
+    vocab = word_vocab(AutoTokenizer.from_pretrained(model))
+    workload_config = WorkloadConfig(
+        prompt_len=LengthRange.parse(args.prompt_len), output_len=LengthRange.parse(args.output_len)
+    )
+    requests = make_workload(workload_config, args.concurrency, vocab)
+    llm = make_llm(model, vectors=folder, enforce_eager=args.eager, max_model_len=1024)
 
-    base = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
-    prompts = [f"Tell me something interesting about the number {i}." for i in range(args.concurrency)]
+    def params(load: str) -> list:
+        out = []
+        for r in requests:
+            base = SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True)
+            fields = persona_fields(load, r.index, vectors)
+            has = "persona_steer" in fields or "persona_monitor" in fields
+            out.append(
+                persona_params(base, fields.get("persona_steer"), fields.get("persona_monitor")) if has else base
+            )
+        return out
 
-    def steered(i: int):
-        terms = [
-            {
-                "vector": names[i % len(names)],
-                "coeff": (1 + i % 5) * (-1) ** i,
-                "layers": [2 + (i * 7) % (num_layers - 2)],
-            }
+    def run(load: str, words_seed: str) -> tuple[float, float]:
+        prompts = [
+            {"prompt_token_ids": list(r.prompt_token_ids)} for r in with_fresh_words(requests, vocab, words_seed)
         ]
-        if i % 3 == 0:
-            terms.append({"vector": names[(i + 1) % len(names)], "coeff": 0.5 * (i % 4 + 1), "positions": "all"})
-        return persona_params(base, steer=terms)
+        cpu0, t0 = group_cpu_seconds(), time.perf_counter()
+        outs = llm.generate(prompts, load_params[load], use_tqdm=False)
+        if load == "monitor3":
+            for o in outs:
+                if sorted(projections(o)) != sorted(vectors.names[:3]):
+                    raise RuntimeError(f"request {o.request_id}: no projections for every monitored vector")
+        wall, cpu = time.perf_counter() - t0, group_cpu_seconds() - cpu0
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        if tokens != sum(r.output_len for r in requests):
+            raise RuntimeError(f"{load}: {tokens} output tokens, asked for {sum(r.output_len for r in requests)}")
+        return tokens / wall, tokens / cpu
 
-    loads = {
-        "plain": [base] * len(prompts),
-        "steered": [steered(i) for i in range(len(prompts))],
-        "monitored": [persona_params(base, monitor={"vectors": names[:3]}) for _ in prompts],
-    }
-    llm.generate(prompts[:4], base, use_tqdm=False)  # warm-up
-    rates: dict[str, list[float]] = {name: [] for name in loads}
-    names = list(loads)
+    load_params = {load: params(load) for load in LOADS}
+    print("warm-up (untimed): every load once", flush=True)
+    for load in LOADS:
+        run(load, f"warm-{load}")
+    rates: dict[str, list[float]] = {load: [] for load in LOADS}
+    cpu_rates: dict[str, list[float]] = {load: [] for load in LOADS}
+    started = time.monotonic()
     for r in range(args.rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate: no load always goes first
-            params = loads[name]
-            start = time.perf_counter()
-            outs = llm.generate(prompts, params, use_tqdm=False)
-            if name == "monitored":
-                for o in outs:
-                    projections(o)
-            elapsed = time.perf_counter() - start
-            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-            rates[name].append(tokens / elapsed)
-            print(f"round {r + 1}/{args.rounds} {name:>9}: {tokens / elapsed:8.1f} output tok/s", flush=True)
+        for load in rotated(LOADS, r):
+            tok_s, tok_cpu = run(load, f"round{r}-{load}")
+            rates[load].append(tok_s)
+            cpu_rates[load].append(tok_cpu)
+        ratio = " ".join(f"{k} {rates[k][-1] / rates[BASELINE][-1]:.3f}" for k in LOADS if k != BASELINE)
+        print(
+            f"round {r + 1}/{args.rounds} ({time.monotonic() - started:.0f} s): unsteered {rates[BASELINE][-1]:.1f} tok/s; {ratio}",
+            flush=True,
+        )
 
-    plain = statistics.median(rates["plain"])
-    result = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
-        "model": str(model),
-        "concurrency": args.concurrency,
-        "max_tokens": args.max_tokens,
-        "mode": "eager" if args.eager else "compiled",
-        "tok_per_s": {k: statistics.median(v) for k, v in rates.items()},
-        "ratio_to_plain": {k: statistics.median(v) / plain for k, v in rates.items()},
+    ratios = {k: [a / b for a, b in zip(rates[k], rates[BASELINE])] for k in LOADS}
+    cpu_ratios = {k: [a / b for a, b in zip(cpu_rates[k], cpu_rates[BASELINE])] for k in LOADS}
+    summary = {
+        "tok_per_s": {k: paired_ratio(v) for k, v in ratios.items()},
+        "tok_per_cpu_s": {k: paired_ratio(v) for k, v in cpu_ratios.items()},
     }
+    text = table(summary, rates)
     print()
-    print("| load | output tok/s (median) | ratio to plain |")
-    print("|---|---:|---:|")
-    for name in loads:
-        print(f"| {name} | {result['tok_per_s'][name]:.1f} | {result['ratio_to_plain'][name]:.3f} |")
+    print(text)
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        result = {
+            "command": "python -m personavec_vllm.bench.engine_overhead "
+            + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+            "model": str(model),
+            "vectors": str(folder),
+            "workload": workload_config.describe(),
+            "mode": "eager" if args.eager else "compiled",
+            "tok_per_s": rates,
+            "tok_per_cpu_s": cpu_rates,
+            "ratio": {m: {k: asdict(v) for k, v in s.items()} for m, s in summary.items()},
+        }
+        (out / "engine_overhead.json").write_text(json.dumps(result, indent=2))
+        (out / "engine_overhead.md").write_text(f"`{result['command']}`\n\n{result['workload']}\n\n{text}\n")
+        plot(ratios, out / "engine_overhead.png")
+        print(f"written to {out}", flush=True)
 
 
 if __name__ == "__main__":

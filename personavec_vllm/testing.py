@@ -171,6 +171,18 @@ def _tail(path: Path, n: int = 12000) -> str:
         return "<no log>"
 
 
+def process_group_pids(pgid: int) -> list[int]:
+    """Every live process of process group `pgid` (vLLM's engine core and workers stay in their
+    parent's group)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getpgid(int(entry)) == pgid:
+                    pids.append(int(entry))
+    return pids
+
+
 @dataclass
 class ServerProcess:
     """A running `personavec serve`: its base URL and its process (the leader of its group)."""
@@ -180,13 +192,7 @@ class ServerProcess:
 
     def group_pids(self) -> list[int]:
         """Every live process of the server's process group (API server, engine core, workers)."""
-        pids = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                with contextlib.suppress(OSError):
-                    if os.getpgid(int(entry)) == self.proc.pid:
-                        pids.append(int(entry))
-        return pids
+        return process_group_pids(self.proc.pid)
 
     def find(self, title: str) -> list[int]:
         """Pids of the group whose command line (vLLM sets process titles) contains `title`."""

@@ -68,17 +68,10 @@ def group_cpu_seconds() -> float:
     """CPU seconds so far of every live process in this process group (this script, the engine
     core and its worker)."""
     from personavec_vllm.bench.profile import proc_stat
+    from personavec_vllm.testing import process_group_pids
 
-    group, total = os.getpgid(0), 0.0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                same = os.getpgid(int(entry)) == group
-            except OSError:
-                continue
-            stat = proc_stat(int(entry)) if same else None
-            total += stat.cpu_s if stat else 0.0
-    return total
+    stats = (proc_stat(pid) for pid in process_group_pids(os.getpgid(0)))
+    return sum(stat.cpu_s for stat in stats if stat)
 
 
 def rotated(loads: tuple[str, ...], r: int) -> list[str]:
@@ -105,7 +98,7 @@ def table(summary: dict[str, dict[str, PairedRatio]], rates: dict[str, list[floa
     return "\n".join(lines)
 
 
-def plot(ratios: dict[str, list[float]], path: Path) -> None:
+def plot(ratios: dict[str, list[float]], summary: dict[str, PairedRatio], path: Path) -> None:
     """Every round's ratio per load (a dot each), the mean and its interval as a bar."""
     import matplotlib
 
@@ -115,7 +108,7 @@ def plot(ratios: dict[str, list[float]], path: Path) -> None:
     loads = [k for k in LOADS if k != BASELINE]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for x, load in enumerate(loads):
-        s = paired_ratio(ratios[load])
+        s = summary[load]
         ax.plot([x] * len(ratios[load]), ratios[load], "o", alpha=0.5)
         ax.errorbar(x + 0.15, s.mean, yerr=[[s.mean - s.ci_low], [s.ci_high - s.mean]], fmt="k_", capsize=6)
     ax.axhline(1.0, color="grey", lw=0.8)
@@ -233,7 +226,7 @@ def main() -> None:
         }
         (out / "engine_overhead.json").write_text(json.dumps(result, indent=2))
         (out / "engine_overhead.md").write_text(f"`{result['command']}`\n\n{result['workload']}\n\n{text}\n")
-        plot(ratios, out / "engine_overhead.png")
+        plot(ratios, summary["tok_per_s"], out / "engine_overhead.png")
         print(f"written to {out}", flush=True)
 
 

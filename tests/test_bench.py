@@ -414,6 +414,7 @@ def test_profile_counts_only_our_own_time(tmp_path):
     )
     s = summarize_stacks(raw)
     assert (s.samples, s.ours) == (100, 7) and s.ours_share == pytest.approx(0.07)
+    assert s.ours_interval == pytest.approx((0.0343, 0.1375), abs=5e-5)  # Wilson's 7 of 100, as tabulated
     assert dict(s.by_function) == {"engine.op.steer_and_capture": 4, "engine.tables.set_token_rows": 3}
     assert owner(f"{fwd}") is None
     assert summarize_stacks(tmp_path / "missing.txt").samples == 0
@@ -620,3 +621,75 @@ def test_engine_overhead_pairs_rounds_and_intervals_the_mean():
     assert s.low < s.ci_low < s.mean < s.ci_high < s.high
     assert s.ci_high < 1.0  # 40 rounds resolve a 3 % cost under 2 % noise per round
     assert abs((s.ci_high - s.ci_low) - 2 * 1.96 * statistics.stdev(noisy) / len(noisy) ** 0.5) < 0.004
+
+
+def test_engine_overhead_pools_rounds_of_like_runs_and_refuses_unlike_ones(tmp_path):
+    import json
+    import subprocess
+
+    from personavec_vllm.bench.engine_overhead import LOADS, summarize
+
+    rng = random.Random(1)
+
+    def run(rounds: int, concurrency: int) -> dict:
+        speed = [80 * (1 + rng.gauss(0, 0.05)) for _ in range(rounds)]  # the machine's drift, shared by a round
+        rates = {load: [v * (1 + rng.gauss(0, 0.02)) for v in speed] for load in LOADS[:2]}
+        both = [(a * b) ** 0.5 for a, b in zip(*rates.values())]
+        rates["steer_distinct"] = [0.97 * b for b in both]
+        rates["monitor3"] = [0.99 * b for b in both]
+        meta = {"model": "m", "vectors": "v", "workload": "w", "mode": "compiled", "machine": "x"}
+        return {
+            **meta,
+            "command": f"run {rounds}",
+            "concurrency": concurrency,
+            "tok_per_s": rates,
+            "tok_per_cpu_s": rates,
+        }
+
+    runs = {"a": run(6, 32), "b": run(4, 32), "c64": run(3, 64)}
+    for name, result in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "engine_overhead.json").write_text(json.dumps(result))
+    module = [sys.executable, "-m", "personavec_vllm.bench.engine_overhead", "--pool"]
+
+    done = subprocess.run(
+        [*module, str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    pooled = json.loads((tmp_path / "ab" / "engine_overhead.json").read_text())
+    assert [p["command"] for p in pooled["pooled_from"]] == ["run 6", "run 4"]
+    assert all(len(pooled["tok_per_s"][load]) == 10 for load in LOADS)
+    expected = summarize(
+        {k: runs["a"]["tok_per_s"][k] + runs["b"]["tok_per_s"][k] for k in LOADS},
+        {k: runs["a"]["tok_per_cpu_s"][k] + runs["b"]["tok_per_cpu_s"][k] for k in LOADS},
+    )
+    assert pooled["ratio"]["tok_per_s"]["steer_distinct"]["mean"] == pytest.approx(
+        expected["tok_per_s"]["steer_distinct"].mean
+    )
+    assert pooled["ratio"]["tok_per_s"]["steer_distinct"]["rounds"] == 10
+    # over both unsteered loads the simulated cost comes back exactly; over one it carries that load's noise
+    vs_both = pooled["ratio"]["tok_per_s_vs_both_unsteered"]
+    assert vs_both["steer_distinct"]["mean"] == pytest.approx(0.97) and vs_both["monitor3"]["mean"] == pytest.approx(
+        0.99
+    )
+    assert vs_both["steer_distinct"]["ci_high"] - vs_both["steer_distinct"]["ci_low"] < 1e-9
+    assert (
+        pooled["ratio"]["tok_per_s"]["steer_distinct"]["high"] - pooled["ratio"]["tok_per_s"]["steer_distinct"]["low"]
+        > 0.01
+    )
+    assert "| steer_distinct |" in done.stdout and (tmp_path / "ab" / "engine_overhead.png").exists()
+
+    refused = subprocess.run([*module, str(tmp_path / "a"), str(tmp_path / "c64")], capture_output=True, text=True)
+    assert refused.returncode != 0 and "concurrency" in refused.stderr and "c64" in refused.stderr
+
+
+def test_share_interval_is_wilsons_and_stays_in_bounds():
+    lo, hi = st.share_interval(0, 100)
+    assert lo == 0.0 and hi == pytest.approx(1.96**2 / (100 + 1.96**2))  # no hits: still an upper bound
+    lo, hi = st.share_interval(100, 100)
+    assert hi == pytest.approx(1.0) and hi <= 1.0 and lo < 1.0
+    lo, hi = st.share_interval(34, 2689)  # steer_distinct's worker at c=32 in results/overhead
+    assert lo < 34 / 2689 < hi and hi - lo < 0.01
+    assert all(math.isnan(x) for x in st.share_interval(0, 0))

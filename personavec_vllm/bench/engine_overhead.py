@@ -15,8 +15,13 @@ every load of every round draws its own words, so no load reuses another's prefi
 prefix cache. A load's ratio in a round is its output tok/s over that round's `unsteered`; the
 table gives the mean over rounds with a 95 % bootstrap interval, the median and the range, and
 the same for output tokens per CPU second of the whole engine (all processes of this group).
+The persona loads are also divided by the geometric mean of the round's two unsteered loads.
+
+Every round is its own paired unit, so `--pool` summarizes the rounds of several earlier runs
+(same model, vectors, workload, concurrency and mode) as one, without starting an engine.
 
     .venv/bin/python -m personavec_vllm.bench.engine_overhead [--rounds 12] [--out DIR]
+    .venv/bin/python -m personavec_vllm.bench.engine_overhead --pool DIR1 DIR2 --out DIR
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pathlib import Path
 
 LOADS = ("unsteered", "unsteered_again", "steer_distinct", "monitor3")
 BASELINE = "unsteered"
+PERSONA_LOADS = ("steer_distinct", "monitor3")
 
 
 @dataclass(frozen=True)
@@ -83,17 +89,20 @@ def rotated(loads: tuple[str, ...], r: int) -> list[str]:
 def table(summary: dict[str, dict[str, PairedRatio]], rates: dict[str, list[float]]) -> str:
     from personavec_vllm.bench.stats import median
 
+    def interval(r: PairedRatio) -> str:
+        return f"{r.mean:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]"
+
     lines = [
         "| load | output tok/s (median) | tok/s ratio: mean [95 % CI] | median (range) "
-        "| tokens per CPU s ratio: mean [95 % CI] | median (range) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| over both unsteered: mean [95 % CI] | tokens per CPU s ratio: mean [95 % CI] | median (range) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for load in LOADS:
         t, c = summary["tok_per_s"][load], summary["tok_per_cpu_s"][load]
+        both = summary["tok_per_s_vs_both_unsteered"].get(load)
         lines.append(
-            f"| {load} | {median(rates[load]):.1f} | {t.mean:.3f} [{t.ci_low:.3f}, {t.ci_high:.3f}] "
-            f"| {t.median:.3f} ({t.low:.3f}-{t.high:.3f}) | {c.mean:.3f} [{c.ci_low:.3f}, {c.ci_high:.3f}] "
-            f"| {c.median:.3f} ({c.low:.3f}-{c.high:.3f}) |"
+            f"| {load} | {median(rates[load]):.1f} | {interval(t)} | {t.median:.3f} ({t.low:.3f}-{t.high:.3f}) "
+            f"| {interval(both) if both else '-'} | {interval(c)} | {c.median:.3f} ({c.low:.3f}-{c.high:.3f}) |"
         )
     return "\n".join(lines)
 
@@ -120,18 +129,44 @@ def plot(ratios: dict[str, list[float]], summary: dict[str, PairedRatio], path: 
     plt.close(fig)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="HF folder (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--vectors", default=None, help="vector library (default: the packaged one for the model)")
-    parser.add_argument("--concurrency", type=int, default=32, help="requests per load (submitted at once)")
-    parser.add_argument("--prompt-len", default="32:512", help="as personavec bench (log-normal, clipped)")
-    parser.add_argument("--output-len", default="32:96", help="as personavec bench (uniform)")
-    parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's compiled mode)")
-    parser.add_argument("--out", default=None, help="folder for engine_overhead.json, .md and .png")
-    args = parser.parse_args()
+def summarize(rates: dict[str, list[float]], cpu_rates: dict[str, list[float]]) -> dict[str, dict[str, PairedRatio]]:
+    """Every load over its round's baseline, for tok/s and for tokens per CPU second; and the
+    persona loads over the geometric mean of the round's two unsteered loads, which halves the
+    baseline's own noise."""
 
+    def over(rs: dict[str, list[float]], base: list[float]) -> dict[str, list[float]]:
+        return {k: [a / b for a, b in zip(v, base)] for k, v in rs.items()}
+
+    both = [(a * b) ** 0.5 for a, b in zip(rates[BASELINE], rates["unsteered_again"])]
+    return {
+        measure: {k: paired_ratio(v) for k, v in ratios.items()}
+        for measure, ratios in (
+            ("tok_per_s", over(rates, rates[BASELINE])),
+            ("tok_per_cpu_s", over(cpu_rates, cpu_rates[BASELINE])),
+            ("tok_per_s_vs_both_unsteered", over({k: rates[k] for k in PERSONA_LOADS}, both)),
+        )
+    }
+
+
+def pooled(folders: list[str]) -> dict:
+    """The rounds of earlier runs as one run: every round is its own paired unit, so rounds of
+    runs with the same workload, concurrency and mode can be pooled."""
+    runs = [json.loads((Path(f) / "engine_overhead.json").read_text()) for f in folders]
+    keys = ("model", "vectors", "workload", "mode", "concurrency")
+    for f, run in zip(folders, runs):
+        differs = [k for k in keys if run.get(k) != runs[0].get(k)]
+        if differs:
+            raise SystemExit(f"{f}: not the same run as {folders[0]} ({', '.join(differs)} differ)")
+    result: dict = {"command": f"python -m personavec_vllm.bench.engine_overhead --pool {' '.join(folders)}"}
+    result |= {k: runs[0][k] for k in ("machine", *keys)}
+    result["pooled_from"] = [{"folder": f, "command": run["command"]} for f, run in zip(folders, runs)]
+    for measure in ("tok_per_s", "tok_per_cpu_s"):
+        result[measure] = {load: [x for run in runs for x in run[measure][load]] for load in LOADS}
+    return result
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Start one engine and run `args.rounds` paired rounds; the per-round rates and what ran."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # as the serving benchmark's servers
     from transformers import AutoConfig, AutoTokenizer
     from vllm import SamplingParams
@@ -200,32 +235,51 @@ def main() -> None:
             flush=True,
         )
 
-    ratios = {k: [a / b for a, b in zip(rates[k], rates[BASELINE])] for k in LOADS}
-    cpu_ratios = {k: [a / b for a, b in zip(cpu_rates[k], cpu_rates[BASELINE])] for k in LOADS}
-    summary = {
-        "tok_per_s": {k: paired_ratio(v) for k, v in ratios.items()},
-        "tok_per_cpu_s": {k: paired_ratio(v) for k, v in cpu_ratios.items()},
+    return {
+        "command": "python -m personavec_vllm.bench.engine_overhead "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "model": str(model),
+        "vectors": str(folder),
+        "workload": workload_config.describe(),
+        "mode": "eager" if args.eager else "compiled",
+        "concurrency": args.concurrency,
+        "tok_per_s": rates,
+        "tok_per_cpu_s": cpu_rates,
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="HF folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--vectors", default=None, help="vector library (default: the packaged one for the model)")
+    parser.add_argument("--concurrency", type=int, default=32, help="requests per load (submitted at once)")
+    parser.add_argument("--prompt-len", default="32:512", help="as personavec bench (log-normal, clipped)")
+    parser.add_argument("--output-len", default="32:96", help="as personavec bench (uniform)")
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's compiled mode)")
+    parser.add_argument(
+        "--pool",
+        nargs="+",
+        metavar="DIR",
+        help="run nothing: summarize the rounds of these earlier --out folders as one",
+    )
+    parser.add_argument("--out", default=None, help="folder for engine_overhead.json, .md and .png")
+    args = parser.parse_args()
+
+    result = pooled(args.pool) if args.pool else measure(args)
+    rates = result["tok_per_s"]
+    summary = summarize(rates, result["tok_per_cpu_s"])
     text = table(summary, rates)
     print()
     print(text)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        result = {
-            "command": "python -m personavec_vllm.bench.engine_overhead "
-            + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-            "model": str(model),
-            "vectors": str(folder),
-            "workload": workload_config.describe(),
-            "mode": "eager" if args.eager else "compiled",
-            "tok_per_s": rates,
-            "tok_per_cpu_s": cpu_rates,
-            "ratio": {m: {k: asdict(v) for k, v in s.items()} for m, s in summary.items()},
-        }
+        result["ratio"] = {m: {k: asdict(v) for k, v in s.items()} for m, s in summary.items()}
         (out / "engine_overhead.json").write_text(json.dumps(result, indent=2))
         (out / "engine_overhead.md").write_text(f"`{result['command']}`\n\n{result['workload']}\n\n{text}\n")
+        ratios = {k: [a / b for a, b in zip(rates[k], rates[BASELINE])] for k in LOADS}
         plot(ratios, summary["tok_per_s"], out / "engine_overhead.png")
         print(f"written to {out}", flush=True)
 

@@ -245,6 +245,14 @@ class StackSummary:
     def ours_share(self) -> float:
         return self.ours / self.samples if self.samples else float("nan")
 
+    @property
+    def ours_interval(self) -> tuple[float, float]:
+        """95 % interval of `ours_share`: the share is measured within one process's own time, so
+        unlike a throughput ratio it carries no drift of the machine between measurements."""
+        from personavec_vllm.bench.stats import share_interval
+
+        return share_interval(self.ours, self.samples)
+
 
 def summarize_stacks(path: Path) -> StackSummary:
     """Samples in a py-spy raw file, those that are ours, and ours by function."""
@@ -282,7 +290,7 @@ def profile_table(levels: Sequence[ProfiledLevel], top: int = 3) -> str:
     from personavec_vllm.bench.scenarios import label
 
     lines = [
-        "| scenario | c | process | cores | CPU ms / output token | samples | ours | our top functions (samples) |",
+        "| scenario | c | process | cores | CPU ms / output token | samples | ours [95 % CI] | our top functions (samples) |",
         "|---|---:|---|---:|---:|---:|---:|---|",
     ]
     for lv in levels:
@@ -292,8 +300,9 @@ def profile_table(levels: Sequence[ProfiledLevel], top: int = 3) -> str:
             s = lv.stacks[role]
             cpu = lv.cpu.get(role, float("nan"))
             tops = ", ".join(f"`{f}` ({n})" for f, n in s.by_function.most_common(top)) or "-"
+            lo, hi = s.ours_interval
             lines.append(
                 f"| {label(lv.scenario)} | {lv.concurrency} | {role} | {cpu / lv.wall_s:.2f} | "
-                f"{1000 * cpu / max(lv.output_tokens, 1):.2f} | {s.samples} | {100 * s.ours_share:.2f} % | {tops} |"
+                f"{1000 * cpu / max(lv.output_tokens, 1):.2f} | {s.samples} | {100 * s.ours_share:.2f} % [{100 * lo:.2f}, {100 * hi:.2f}] | {tops} |"
             )
     return "\n".join(lines)

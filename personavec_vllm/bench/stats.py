@@ -165,6 +165,18 @@ def median(values: Sequence[float]) -> float:
     return percentile(values, 50)
 
 
+def share_interval(hits: int, draws: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score 95 % interval of a proportion, `hits` of `draws`. A profile's share of samples
+    in our code sits near 0, where the normal approximation's interval dips below 0; Wilson's
+    does not. Samples count as independent draws (py-spy's ticks are 20 ms apart)."""
+    if draws <= 0:
+        return (math.nan, math.nan)
+    p, zz = hits / draws, z * z / draws
+    centre = (p + zz / 2) / (1 + zz)
+    half = z * math.sqrt(p * (1 - p) / draws + zz / (4 * draws)) / (1 + zz)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
 @dataclass(frozen=True)
 class Ratio:
     """A scenario's output tok/s over the baseline's at one concurrency: the median over passes

@@ -107,23 +107,31 @@ def table(summary: dict[str, dict[str, PairedRatio]], rates: dict[str, list[floa
     return "\n".join(lines)
 
 
-def plot(ratios: dict[str, list[float]], summary: dict[str, PairedRatio], path: Path) -> None:
-    """Every round's ratio per load (a dot each), the mean and its interval as a bar."""
+def plot(ratios: dict[str, list[float]], summary: dict[str, dict[str, PairedRatio]], path: Path) -> None:
+    """Every round's ratio per load (a dot each); the mean and its interval as a black bar, and for
+    the persona loads the same over both unsteered loads as a red bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def bar(x: float, s: PairedRatio, colour: str, label: str | None) -> None:
+        yerr = [[s.mean - s.ci_low], [s.ci_high - s.mean]]
+        ax.errorbar(x, s.mean, yerr=yerr, fmt="_", color=colour, capsize=6, label=label)
+
     loads = [k for k in LOADS if k != BASELINE]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for x, load in enumerate(loads):
-        s = summary[load]
         ax.plot([x] * len(ratios[load]), ratios[load], "o", alpha=0.5)
-        ax.errorbar(x + 0.15, s.mean, yerr=[[s.mean - s.ci_low], [s.ci_high - s.mean]], fmt="k_", capsize=6)
+        bar(x + 0.15, summary["tok_per_s"][load], "black", "over the round's unsteered" if x == 0 else None)
+        if load in summary["tok_per_s_vs_both_unsteered"]:
+            both = summary["tok_per_s_vs_both_unsteered"][load]
+            bar(x + 0.3, both, "tab:red", "over both unsteered" if load == PERSONA_LOADS[0] else None)
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xticks(range(len(loads)), loads)
-    ax.set_ylabel("output tok/s over the same round's unsteered")
-    ax.set_title("One engine, paired rounds (bar: mean, 95 % bootstrap CI)")
+    ax.set_ylabel("output tok/s ratio\n(dots: over the round's unsteered)")
+    ax.set_title(f"One engine, {len(ratios[BASELINE])} paired rounds (bars: mean, 95 % bootstrap CI)")
+    ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -280,7 +288,7 @@ def main() -> None:
         (out / "engine_overhead.json").write_text(json.dumps(result, indent=2))
         (out / "engine_overhead.md").write_text(f"`{result['command']}`\n\n{result['workload']}\n\n{text}\n")
         ratios = {k: [a / b for a, b in zip(rates[k], rates[BASELINE])] for k in LOADS}
-        plot(ratios, summary["tok_per_s"], out / "engine_overhead.png")
+        plot(ratios, summary, out / "engine_overhead.png")
         print(f"written to {out}", flush=True)
 
 

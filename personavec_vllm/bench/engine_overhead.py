@@ -137,14 +137,15 @@ def plot(ratios: dict[str, list[float]], summary: dict[str, dict[str, PairedRati
     plt.close(fig)
 
 
+def over(rates: dict[str, list[float]], base: list[float]) -> dict[str, list[float]]:
+    """Each load's per-round rate over the same round's `base`."""
+    return {k: [a / b for a, b in zip(v, base)] for k, v in rates.items()}
+
+
 def summarize(rates: dict[str, list[float]], cpu_rates: dict[str, list[float]]) -> dict[str, dict[str, PairedRatio]]:
     """Every load over its round's baseline, for tok/s and for tokens per CPU second; and the
     persona loads over the geometric mean of the round's two unsteered loads, which halves the
     baseline's own noise."""
-
-    def over(rs: dict[str, list[float]], base: list[float]) -> dict[str, list[float]]:
-        return {k: [a / b for a, b in zip(v, base)] for k, v in rs.items()}
-
     both = [(a * b) ** 0.5 for a, b in zip(rates[BASELINE], rates["unsteered_again"])]
     return {
         measure: {k: paired_ratio(v) for k, v in ratios.items()}
@@ -287,8 +288,7 @@ def main() -> None:
         result["ratio"] = {m: {k: asdict(v) for k, v in s.items()} for m, s in summary.items()}
         (out / "engine_overhead.json").write_text(json.dumps(result, indent=2))
         (out / "engine_overhead.md").write_text(f"`{result['command']}`\n\n{result['workload']}\n\n{text}\n")
-        ratios = {k: [a / b for a, b in zip(rates[k], rates[BASELINE])] for k in LOADS}
-        plot(ratios, summary, out / "engine_overhead.png")
+        plot(over(rates, rates[BASELINE]), summary, out / "engine_overhead.png")
         print(f"written to {out}", flush=True)
 
 
